@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+
+def _reqs(path):
+    with open(path) as f:
+        return [l.strip() for l in f if l.strip() and not l.startswith(("#", "-r"))]
+
+
+setup(
+    name="alignshift",
+    version="0.1.0",
+    description="Aligning language models with human preferences under distribution shift (JAX/Flax).",
+    packages=find_packages(include=["alignshift", "alignshift.*"]),
+    package_data={"alignshift": ["py.typed"]},
+    python_requires=">=3.11",
+    install_requires=_reqs("requirements.txt"),
+    extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.17", "torch==2.13.0"]},
+)
