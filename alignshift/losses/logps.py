@@ -1,0 +1,60 @@
+"""Per-sequence log-probabilities from logits, labels and a response mask.
+
+Contract (design.md): ``sequence_logps(logits, labels, mask) -> (sum_logps[B], n_tokens[B])``
+with labels already shifted (position ``t`` of ``logits`` predicts ``labels[t]``).
+Masked positions contribute exactly 0, even when their logits are garbage (inf / NaN) and
+even when their labels are out of range (e.g. HF's ``-100``); their gradient is exactly 0.
+
+The log-softmax is computed in float32 whatever the model's compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["sequence_logps", "mean_logps", "token_logps", "check_logits_labels"]
+
+
+def check_logits_labels(logits, labels, mask) -> None:
+    """Static shape checks (at trace time): one clear error naming the mismatching input."""
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be [B, T, V]; got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits [B, T] = {tuple(logits.shape[:2])}"
+        )
+    if mask.shape != labels.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match labels shape {tuple(labels.shape)}")
+
+
+def token_logps(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-token log p(labels[t]) in float32, exactly 0 where ``mask == 0``. Shape [B, T]."""
+    check_logits_labels(logits, labels, mask)
+    valid = mask.astype(bool)
+    # Sanitise masked positions *before* the log-softmax so neither the value nor the
+    # gradient can pick up NaN/inf from garbage logits there.
+    x = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
+    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+    picked = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0]
+    lp = picked - jax.nn.logsumexp(x, axis=-1)
+    return jnp.where(valid, lp, 0.0)
+
+
+def sequence_logps(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of response-token log-probs and the number of response tokens per sequence.
+
+    Args:
+      logits: [B, T, V], any float dtype (upcast to float32 internally).
+      labels: [B, T] int, already shifted so ``logits[:, t]`` predicts ``labels[:, t]``.
+      mask:   [B, T] {0, 1}; 1 on response tokens only (never prompt or padding).
+    Returns:
+      ``(sum_logps [B] float32, n_tokens [B] float32)``.
+    """
+    lp = token_logps(logits, labels, mask)
+    return lp.sum(axis=-1), mask.astype(jnp.float32).sum(axis=-1)
+
+
+def mean_logps(sum_logps: jax.Array, n_tokens: jax.Array) -> jax.Array:
+    """Length-normalised log-probs ``S / |y|`` (0 for an empty response, never NaN)."""
+    return sum_logps / jnp.maximum(n_tokens, 1.0)

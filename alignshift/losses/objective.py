@@ -1,0 +1,188 @@
+"""``make_objective``: a base preference loss combined by a batch weighting rule.
+
+    objective(batch) = mean_i w_i · ℓ_base,i   (w detached, mean(w) = 1)   [+ penalty]
+
+The returned :class:`Objective` is a pure function of a dict of per-sequence log-probs::
+
+    inputs = {
+      "policy_chosen_logps", "policy_rejected_logps",       # [B] sums over response tokens
+      "reference_chosen_logps", "reference_rejected_logps", # [B] (not needed by SimPO)
+      "chosen_n_tokens", "rejected_n_tokens",               # [B] response lengths
+      "policy_kl_logps", "reference_kl_logps",              # [B] mismatched completions (KTO)
+      "weight",                                             # [B] optional per-example data weights
+    }
+
+and returns ``(loss, metrics)``. Base losses:
+
+=========  ==========================================================================
+name       loss (see :mod:`alignshift.losses.preference`)
+=========  ==========================================================================
+dpo        sigmoid DPO; ``label_smoothing`` ε > 0 gives conservative DPO
+cdpo       sigmoid DPO with ``label_smoothing`` default 0.1
+robust     Chowdhury et al. rDPO (``label_smoothing`` default 0.1)
+ipo        IPO; ``length_normalize=True`` (default) uses per-token mean log-probs as TRL does
+hinge      SLiC hinge
+simpo      SimPO, reference-free, mean log-probs, margin γ
+kto        KTO on paired data, reference point from mismatched completions
+=========  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from alignshift.losses.logps import mean_logps
+from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
+from alignshift.losses.weighting import WEIGHTING_RULES, normalize_weights, weight_stats
+
+__all__ = ["BASE_LOSSES", "Objective", "make_objective"]
+
+
+def _dpo_like(loss_type: str, default_smoothing: float = 0.0):
+    def fn(inputs, *, beta=0.1, label_smoothing=default_smoothing):
+        t = dpo_terms(
+            inputs["policy_chosen_logps"],
+            inputs["policy_rejected_logps"],
+            inputs["reference_chosen_logps"],
+            inputs["reference_rejected_logps"],
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
+        return t, {}
+
+    return fn
+
+
+def _ipo(inputs, *, beta=0.1, length_normalize=True):
+    keys = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+    vals = [inputs[k] for k in keys]
+    if length_normalize:
+        n = [inputs["chosen_n_tokens"], inputs["rejected_n_tokens"]] * 2
+        vals = [mean_logps(v, m) for v, m in zip(vals, n)]
+    return dpo_terms(*vals, beta=beta, loss_type="ipo"), {}
+
+
+def _simpo(inputs, *, beta=2.0, gamma=None, gamma_beta_ratio=0.55, label_smoothing=0.0):
+    c = mean_logps(inputs["policy_chosen_logps"], inputs["chosen_n_tokens"])
+    r = mean_logps(inputs["policy_rejected_logps"], inputs["rejected_n_tokens"])
+    t = simpo_terms(c, r, beta=beta, gamma=gamma, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing)
+    return t, {}
+
+
+def _kto(inputs, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, axis_name=None):
+    t, z0 = kto_terms(
+        inputs["policy_chosen_logps"],
+        inputs["policy_rejected_logps"],
+        inputs["reference_chosen_logps"],
+        inputs["reference_rejected_logps"],
+        inputs["policy_kl_logps"],
+        inputs["reference_kl_logps"],
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        axis_name=axis_name,
+    )
+    return t, {"kl": z0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseLossSpec:
+    fn: Callable[..., tuple[PreferenceTerms, dict]]
+    needs_reference: bool = True
+    needs_kl_completions: bool = False
+
+
+BASE_LOSSES: dict[str, BaseLossSpec] = {
+    "dpo": BaseLossSpec(_dpo_like("sigmoid")),
+    "cdpo": BaseLossSpec(_dpo_like("sigmoid", 0.1)),
+    "robust": BaseLossSpec(_dpo_like("robust", 0.1)),
+    "ipo": BaseLossSpec(_ipo),
+    "hinge": BaseLossSpec(_dpo_like("hinge")),
+    "simpo": BaseLossSpec(_simpo, needs_reference=False),
+    "kto": BaseLossSpec(_kto, needs_kl_completions=True),
+}
+
+
+def _check_kwargs(kind: str, name: str, fn: Callable, kwargs: dict) -> None:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(f"{kind} {name!r} got unknown hyper-parameter(s) {bad}; allowed: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, so jax.jit can cache it
+class Objective:
+    """A jittable objective. Call it as ``loss, metrics = objective(inputs, val_inputs=None)``."""
+
+    base: str
+    weighting: str
+    base_kwargs: dict
+    weighting_kwargs: dict
+
+    @property
+    def needs_reference(self) -> bool:
+        return BASE_LOSSES[self.base].needs_reference
+
+    @property
+    def needs_kl_completions(self) -> bool:
+        return BASE_LOSSES[self.base].needs_kl_completions
+
+    @property
+    def needs_val(self) -> bool:
+        return WEIGHTING_RULES[self.weighting].needs_val
+
+    def terms(self, inputs: dict) -> tuple[PreferenceTerms, dict]:
+        return BASE_LOSSES[self.base].fn(inputs, **self.base_kwargs)
+
+    def __call__(self, inputs: dict, val_inputs: dict | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        terms, extra = self.terms(inputs)
+        rule = WEIGHTING_RULES[self.weighting]
+        val_terms = self.terms(val_inputs)[0] if (rule.needs_val and val_inputs is not None) else None
+        if rule.needs_val and val_terms is None:
+            raise ValueError(f"weighting {self.weighting!r} needs a validation batch (val_inputs)")
+        feats = _features(terms, rule.features)
+        val_feats = _features(val_terms, rule.features) if val_terms is not None else None
+        w = normalize_weights(rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs))
+        if "weight" in inputs:  # per-example data weights, combined multiplicatively
+            w = w * jax.lax.stop_gradient(inputs["weight"].astype(jnp.float32))
+        loss = jnp.mean(w * terms.losses)
+        metrics = {"loss": loss, **pair_metrics(terms, inputs["policy_chosen_logps"], inputs["policy_rejected_logps"])}
+        metrics.update(extra)
+        metrics.update(weight_stats(w))
+        return loss, metrics
+
+
+def _features(terms: PreferenceTerms, kind: str) -> jax.Array:
+    if kind == "rewards":  # label-ordered implicit-reward pair [B, 2]
+        return jax.lax.stop_gradient(jnp.stack([terms.chosen_rewards, terms.rejected_rewards], axis=-1))
+    return jax.lax.stop_gradient(terms.losses)
+
+
+def make_objective(
+    base: str = "dpo",
+    weighting: str = "uniform",
+    penalty: str | None = None,
+    *,
+    base_kwargs: dict | None = None,
+    weighting_kwargs: dict | None = None,
+) -> Objective:
+    """Build ``objective = reduce_weighting(ℓ_base)``; unknown names or hyper-parameters raise."""
+    if base not in BASE_LOSSES:
+        raise ValueError(f"unknown base loss {base!r}; choose one of {sorted(BASE_LOSSES)}")
+    if weighting not in WEIGHTING_RULES:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {sorted(WEIGHTING_RULES)}")
+    if penalty is not None:
+        raise ValueError(f"unknown penalty {penalty!r}; none are registered yet")
+    base_kwargs = dict(base_kwargs or {})
+    weighting_kwargs = dict(weighting_kwargs or {})
+    _check_kwargs("base loss", base, BASE_LOSSES[base].fn, base_kwargs)
+    _check_kwargs("weighting", weighting, WEIGHTING_RULES[weighting].fn, weighting_kwargs)
+    return Objective(base, weighting, base_kwargs, weighting_kwargs)

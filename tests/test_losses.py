@@ -1,0 +1,324 @@
+"""Losses against independent float64 NumPy references (values and gradients)."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignshift.losses import (
+    dpo_loss,
+    kto_loss,
+    make_objective,
+    mean_logps,
+    sequence_logps,
+    simpo_loss,
+)
+
+# ---------------------------------------------------------------- NumPy references (float64)
+
+
+def np_softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def np_log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def np_sequence_logps(logits, labels, mask):
+    logits = logits.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
+    B, T, _ = logits.shape
+    out = np.zeros(B)
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                out[b] += logits[b, t, labels[b, t]] - logz[b, t]
+    return out, mask.sum(-1).astype(np.float64)
+
+
+def np_dpo(pc, pr, rc, rr, beta, loss_type, eps):
+    """TRL's published formulas (dpo_trainer.py), written with log-sigmoid."""
+    logits = (pc - pr) - (rc - rr)
+    if loss_type == "sigmoid":
+        return -np_log_sigmoid(beta * logits) * (1 - eps) - np_log_sigmoid(-beta * logits) * eps
+    if loss_type == "robust":
+        return (-np_log_sigmoid(beta * logits) * (1 - eps) + np_log_sigmoid(-beta * logits) * eps) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return np.maximum(0.0, 1 - beta * logits)
+    raise AssertionError(loss_type)
+
+
+def np_simpo(c_avg, r_avg, beta, gamma):
+    return -np_log_sigmoid(beta * c_avg - beta * r_avg - gamma)
+
+
+def np_kto(pc, pr, rc, rr, pkl, rkl, beta, wd, wu):
+    z0 = max(0.0, float(np.mean(pkl - rkl)))
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    ld = 1 - sig(beta * ((pc - rc) - z0))
+    lu = 1 - sig(beta * (z0 - (pr - rr)))
+    return 0.5 * (wd * ld + wu * lu), z0
+
+
+def fd_grad(f, x, h=1e-6):
+    """Central finite differences of a scalar float64 function."""
+    g = np.zeros_like(x)
+    for i in range(x.size):
+        e = np.zeros_like(x)
+        e.flat[i] = h
+        g.flat[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _logps(rng, n=8, scale=3.0):
+    return [rng.normal(-20.0, scale, size=n) for _ in range(4)]
+
+
+# ---------------------------------------------------------------- sequence_logps
+
+
+def test_sequence_logps_matches_numpy(rng):
+    B, T, V = 3, 7, 11
+    logits = rng.normal(size=(B, T, V)).astype(np.float32) * 3
+    labels = rng.integers(0, V, size=(B, T))
+    mask = (rng.random((B, T)) > 0.3).astype(np.int32)
+    s, n = sequence_logps(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    chex.assert_shape((s, n), (B,))
+    chex.assert_type((s, n), jnp.float32)
+    ref_s, ref_n = np_sequence_logps(logits, labels, mask)
+    np.testing.assert_allclose(np.asarray(s), ref_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(n), ref_n)
+    np.testing.assert_allclose(np.asarray(mean_logps(s, n)), ref_s / np.maximum(ref_n, 1), rtol=1e-5)
+
+
+def test_sequence_logps_bf16_logits_computed_in_fp32(rng):
+    logits = rng.normal(size=(2, 5, 13)).astype(np.float32)
+    labels = rng.integers(0, 13, size=(2, 5))
+    mask = np.ones((2, 5), np.int32)
+    s, _ = sequence_logps(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels), jnp.asarray(mask))
+    assert s.dtype == jnp.float32
+    ref, _ = np_sequence_logps(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)), labels, mask)
+    np.testing.assert_allclose(np.asarray(s), ref, rtol=1e-5)
+
+
+def test_sequence_logps_masking_invariance_values_and_grads(rng):
+    """Garbage (NaN/inf/huge) logits and out-of-range labels at masked positions change nothing."""
+    B, T, V = 2, 6, 9
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T))
+    mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], np.int32)
+    garbage = logits.copy()
+    garbage[mask == 0] = np.nan
+    garbage[0, 0, 0] = np.inf
+    garbage[1, 5, :] = 1e30
+    bad_labels = labels.copy()
+    bad_labels[mask == 0] = -100
+
+    def f(lg, lb):
+        return sequence_logps(lg, lb, jnp.asarray(mask))[0].sum()
+
+    v1, g1 = jax.value_and_grad(f)(jnp.asarray(logits), jnp.asarray(labels))
+    v2, g2 = jax.value_and_grad(f)(jnp.asarray(garbage), jnp.asarray(bad_labels))
+    assert np.isfinite(v2) and np.all(np.isfinite(np.asarray(g2)))
+    np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
+    np.testing.assert_array_equal(np.asarray(g1)[mask == 1], np.asarray(g2)[mask == 1])
+    assert np.all(np.asarray(g2)[mask == 0] == 0)
+
+
+def test_sequence_logps_grad_matches_numpy(rng):
+    B, T, V = 2, 3, 5
+    logits = rng.normal(size=(B, T, V))
+    labels = rng.integers(0, V, size=(B, T))
+    mask = np.array([[1, 1, 0], [0, 1, 1]], np.int32)
+    g = jax.grad(lambda x: sequence_logps(x, jnp.asarray(labels), jnp.asarray(mask))[0].sum())(
+        jnp.asarray(logits, jnp.float32)
+    )
+    ref = fd_grad(lambda x: np_sequence_logps(x, labels, mask)[0].sum(), logits)
+    np.testing.assert_allclose(np.asarray(g), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shapes, msg",
+    [
+        (((2, 5, 7), (2, 4), (2, 4)), "labels shape"),
+        (((2, 5, 7), (2, 5), (2, 4)), "mask shape"),
+        (((2, 5), (2, 5), (2, 5)), "logits must be"),
+    ],
+)
+def test_sequence_logps_shape_errors(shapes, msg):
+    lg, lb, mk = shapes
+    with pytest.raises(ValueError, match=msg):
+        sequence_logps(jnp.zeros(lg), jnp.zeros(lb, jnp.int32), jnp.ones(mk))
+
+
+# ---------------------------------------------------------------- DPO family
+
+CASES = [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("robust", 0.3), ("ipo", 0.0), ("hinge", 0.0)]
+
+
+@pytest.mark.parametrize("loss_type, eps", CASES)
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_values_match_numpy(rng, loss_type, eps, beta):
+    pc, pr, rc, rr = _logps(rng)
+    losses, metrics = jax.jit(
+        lambda *a: dpo_loss(*a, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    )(*[jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)])
+    chex.assert_shape(losses, (8,))
+    ref = np_dpo(pc, pr, rc, rr, beta, loss_type, eps)
+    np.testing.assert_allclose(np.asarray(losses), ref, rtol=2e-5, atol=2e-5)
+    # TRL metric names and values
+    np.testing.assert_allclose(float(metrics["rewards/chosen"]), np.mean(beta * (pc - rc)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["rewards/rejected"]), np.mean(beta * (pr - rr)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["rewards/margins"]), np.mean(beta * ((pc - rc) - (pr - rr))), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(float(metrics["rewards/accuracies"]), np.mean((pc - rc) > (pr - rr)))
+    np.testing.assert_allclose(float(metrics["logps/chosen"]), pc.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["logps/rejected"]), pr.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type, eps", CASES)
+def test_dpo_loss_grads_match_finite_differences(rng, loss_type, eps):
+    beta = 0.2
+    pc, pr, rc, rr = [rng.normal(0, 2.0, size=5) for _ in range(4)]
+    if loss_type == "hinge":  # keep away from the kink
+        pc = pc + np.where(beta * ((pc - rc) - (pr - rr)) > 0.9, 1.0, 0.0) * 0.5
+
+    def jf(x, y):
+        return dpo_loss(x, y, jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), beta=beta,
+                        loss_type=loss_type, label_smoothing=eps)[0].sum()
+
+    gc, gr = jax.grad(jf, argnums=(0, 1))(jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32))
+    ref_c = fd_grad(lambda x: np_dpo(x, pr, rc, rr, beta, loss_type, eps).sum(), pc)
+    ref_r = fd_grad(lambda x: np_dpo(pc, x, rc, rr, beta, loss_type, eps).sum(), pr)
+    np.testing.assert_allclose(np.asarray(gc), ref_c, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gr), ref_r, rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_no_gradient_through_reference(rng):
+    pc, pr, rc, rr = [jnp.asarray(x, jnp.float32) for x in _logps(rng)]
+    g = jax.grad(lambda a, b: dpo_loss(pc, pr, a, b)[0].sum(), argnums=(0, 1))(rc, rr)
+    assert not np.any(np.asarray(g[0])) and not np.any(np.asarray(g[1]))
+
+
+def test_dpo_is_ln2_when_policy_equals_reference(rng):
+    pc, pr, _, _ = [jnp.asarray(x, jnp.float32) for x in _logps(rng)]
+    losses, metrics = dpo_loss(pc, pr, pc, pr, beta=0.1)
+    np.testing.assert_allclose(np.asarray(losses), math.log(2.0), rtol=1e-6)
+    assert float(metrics["rewards/margins"]) == 0.0
+
+
+def test_dpo_bad_arguments():
+    x = jnp.zeros(4)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(x, x, x, x, loss_type="nope")
+    with pytest.raises(ValueError, match="reference_rejected_logps has shape"):
+        dpo_loss(x, x, x, jnp.zeros(3))
+    with pytest.raises(ValueError, match="robust"):
+        dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, loss_type="ipo", label_smoothing=0.1)
+
+
+# ---------------------------------------------------------------- SimPO and KTO
+
+
+def test_simpo_matches_numpy_values_and_grads(rng):
+    c, r = rng.normal(-2, 0.5, size=6), rng.normal(-2, 0.5, size=6)
+    beta, ratio = 2.0, 0.55
+    losses, metrics = simpo_loss(jnp.asarray(c, jnp.float32), jnp.asarray(r, jnp.float32), beta=beta,
+                                 gamma_beta_ratio=ratio)
+    np.testing.assert_allclose(np.asarray(losses), np_simpo(c, r, beta, ratio * beta), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["rewards/chosen"]), np.mean(beta * c), rtol=1e-5)
+    # explicit gamma overrides the ratio
+    l2, _ = simpo_loss(jnp.asarray(c, jnp.float32), jnp.asarray(r, jnp.float32), beta=beta, gamma=1.6)
+    np.testing.assert_allclose(np.asarray(l2), np_simpo(c, r, beta, 1.6), rtol=1e-5)
+    g = jax.grad(lambda x: simpo_loss(x, jnp.asarray(r, jnp.float32), beta=beta, gamma=1.6)[0].sum())(
+        jnp.asarray(c, jnp.float32))
+    np.testing.assert_allclose(np.asarray(g), fd_grad(lambda x: np_simpo(x, r, beta, 1.6).sum(), c), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kl_shift", [-3.0, 2.0])  # z0 clamped at 0 / positive
+def test_kto_matches_numpy(rng, kl_shift):
+    pc, pr, rc, rr = _logps(rng, n=6)
+    pkl = rng.normal(-20, 3, size=6)
+    rkl = pkl - kl_shift + rng.normal(0, 0.1, size=6)
+    args = [jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr, pkl, rkl)]
+    losses, metrics = kto_loss(*args, beta=0.1, desirable_weight=1.0, undesirable_weight=1.2)
+    ref, z0 = np_kto(pc, pr, rc, rr, pkl, rkl, 0.1, 1.0, 1.2)
+    np.testing.assert_allclose(np.asarray(losses), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["kl"]), z0, rtol=1e-4, atol=1e-6)
+    # z0 is detached: no gradient flows into the mismatched completions
+    g = jax.grad(lambda x: kto_loss(args[0], args[1], args[2], args[3], x, args[5])[0].sum())(args[4])
+    assert not np.any(np.asarray(g))
+    gc = jax.grad(lambda x: kto_loss(x, *args[1:], beta=0.1, undesirable_weight=1.2)[0].sum())(args[0])
+    ref_g = fd_grad(lambda x: np_kto(x, pr, rc, rr, pkl, rkl, 0.1, 1.0, 1.2)[0].sum(), pc)
+    np.testing.assert_allclose(np.asarray(gc), ref_g, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- make_objective
+
+
+def _inputs(rng, n=8):
+    pc, pr, rc, rr = _logps(rng, n)
+    d = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
+             reference_rejected_logps=rr, chosen_n_tokens=rng.integers(1, 9, n).astype(float),
+             rejected_n_tokens=rng.integers(1, 9, n).astype(float), policy_kl_logps=rng.normal(-20, 3, n),
+             reference_kl_logps=rng.normal(-20, 3, n))
+    return {k: jnp.asarray(v, jnp.float32) for k, v in d.items()}, d
+
+
+def test_objective_uniform_is_mean_of_base_losses(rng):
+    inp, d = _inputs(rng)
+    loss, m = jax.jit(make_objective("dpo", base_kwargs={"beta": 0.1}))(inp)
+    ref = np_dpo(d["policy_chosen_logps"], d["policy_rejected_logps"], d["reference_chosen_logps"],
+                 d["reference_rejected_logps"], 0.1, "sigmoid", 0.0).mean()
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    assert float(m["weights/ess"]) == pytest.approx(1.0)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "loss"):
+        assert key in m
+
+
+def test_objective_ipo_length_normalised_by_default(rng):
+    inp, d = _inputs(rng)
+    loss, _ = make_objective("ipo", base_kwargs={"beta": 0.1})(inp)
+    nc, nr = d["chosen_n_tokens"], d["rejected_n_tokens"]
+    ref = np_dpo(d["policy_chosen_logps"] / nc, d["policy_rejected_logps"] / nr, d["reference_chosen_logps"] / nc,
+                 d["reference_rejected_logps"] / nr, 0.1, "ipo", 0.0).mean()
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    loss_sum, _ = make_objective("ipo", base_kwargs={"beta": 0.1, "length_normalize": False})(inp)
+    ref_sum = np_dpo(d["policy_chosen_logps"], d["policy_rejected_logps"], d["reference_chosen_logps"],
+                     d["reference_rejected_logps"], 0.1, "ipo", 0.0).mean()
+    np.testing.assert_allclose(float(loss_sum), ref_sum, rtol=1e-5)
+
+
+def test_objective_data_weights_multiply(rng):
+    inp, d = _inputs(rng)
+    w = np.linspace(0.0, 2.0, 8)
+    loss, _ = make_objective("dpo")({**inp, "weight": jnp.asarray(w, jnp.float32)})
+    ref = (w * np_dpo(d["policy_chosen_logps"], d["policy_rejected_logps"], d["reference_chosen_logps"],
+                      d["reference_rejected_logps"], 0.1, "sigmoid", 0.0)).mean()
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+
+def test_objective_flags_and_errors():
+    assert make_objective("simpo").needs_reference is False
+    assert make_objective("kto").needs_kl_completions is True
+    with pytest.raises(ValueError, match="unknown base loss"):
+        make_objective("dpoo")
+    with pytest.raises(ValueError, match="unknown weighting"):
+        make_objective("dpo", weighting="nope")
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['betta'\]"):
+        make_objective("dpo", base_kwargs={"betta": 0.1})
