@@ -1,0 +1,305 @@
+"""Typed dataclass configs, loaded from YAML with dotted ``key=value`` CLI overrides.
+
+Every experiment script takes ``--config PATH``, ``--out DIR``, ``--seeds N``, ``--quick`` and
+overrides such as ``train.lr=5e-4`` or ``methods.0.base_kwargs.beta=0.2``. An unknown key,
+a value of the wrong type or an impossible combination raises :class:`ConfigError` naming
+the key (with a suggestion when the key looks like a typo).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "MethodConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the offending key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Tiny Llama-architecture policy (HF field names). ``vocab_size`` 0 = from the tokenizer."""
+
+    vocab_size: int = 0
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    remat: bool = False
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which benchmark scenario, its generator arguments, and the tokenisation budget."""
+
+    scenario: str = "deploy_shift"
+    scenario_kwargs: dict = dataclasses.field(default_factory=dict)
+    max_prompt_len: int = 8
+    max_completion_len: int = 10
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    steps: int = 300
+    batch_size: int = 64
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The preference-optimisation phase."""
+
+    steps: int = 150
+    batch_size: int = 32
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10))
+    precompute_reference: bool = True  # reference log-probs once up front, else in every step
+    log_every: int = 10
+    eval_every: int = 50  # held-out deployment preference accuracy during training (0 = off)
+    checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    name: str = "dpo"
+    base: str = "dpo"
+    weighting: str = "uniform"
+    base_kwargs: dict = dataclasses.field(default_factory=dict)
+    weighting_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    n_prompts: int = 256  # deployment-test prompts to sample responses for
+    max_new_tokens: int = 10
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 256
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    scenario: str = "shift_demo"
+    seed: int = 0
+    seeds: int = 1
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    methods: list[MethodConfig] = dataclasses.field(default_factory=lambda: [MethodConfig()])
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    # Overrides applied by ``--quick`` (dotted keys), for a ~1 minute CPU run used by tests.
+    quick: dict = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {key!r} may not be null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping; got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list; got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping; got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key!r} must be a bool; got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be an int; got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be an int; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number; got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string; got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a (possibly partial) dict; unknown keys raise."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {names}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a plain dict (list items by index: ``methods.0.base``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {key!r}: {where!r} is not a valid list index")
+                node = node[int(p)]
+            else:
+                if p not in node or node[p] is None:
+                    node[p] = {}
+                node = node[p]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key!r}: {where!r} is not a mapping")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {key!r}: {last!r} is not a valid list index")
+            node[int(last)] = _parse_scalar(raw)
+        else:
+            node[last] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | None, overrides: list[str] = (), *, quick: bool = False, cls=ExperimentConfig):
+    """Load YAML (or defaults when ``path`` is None), apply ``--quick`` then CLI overrides."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+    base = to_dict(from_dict(cls, data))  # validates the file itself first
+    if quick:
+        base = apply_overrides(base, [f"{k}={_dump(v)}" for k, v in base.get("quick", {}).items()])
+    cfg = from_dict(cls, apply_overrides(base, list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def _dump(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field checks that the type system cannot express."""
+    from alignshift.losses.objective import make_objective
+
+    names = [m.name for m in cfg.methods]
+    if not names:
+        raise ConfigError("config key 'methods' must list at least one method")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'methods' has duplicate names: {names}")
+    for i, m in enumerate(cfg.methods):
+        try:
+            make_objective(m.base, m.weighting, base_kwargs=m.base_kwargs, weighting_kwargs=m.weighting_kwargs)
+        except ValueError as e:
+            raise ConfigError(f"config key 'methods.{i}' ({m.name}): {e}") from None
+    for key in ("sft.steps", "train.steps", "sft.batch_size", "train.batch_size", "seeds"):
+        obj = cfg
+        for p in key.split("."):
+            obj = getattr(obj, p)
+        if obj <= 0:
+            raise ConfigError(f"config key {key!r} must be positive; got {obj}")
+    if cfg.model.hidden_size % cfg.model.num_attention_heads:
+        raise ConfigError("config key 'model.hidden_size' must be divisible by 'model.num_attention_heads'")
+    if cfg.model.num_attention_heads % cfg.model.num_key_value_heads:
+        raise ConfigError("config key 'model.num_attention_heads' must be divisible by 'model.num_key_value_heads'")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16; got {cfg.model.dtype!r}")

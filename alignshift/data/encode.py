@@ -1,0 +1,163 @@
+"""Tokenisation + padding of prompts / completions into fixed-shape int32 arrays.
+
+Layout contract relied upon by the training code
+------------------------------------------------
+Completion sequences (``encode_completions``), length ``T = max_prompt_len + max_completion_len``,
+RIGHT-padded with ``pad_id``::
+
+    position:      0     1..p-1          p..p+c-1                 p+c..T-1
+    input_ids:    bos   prompt tokens   completion tokens [+eos]   pad ...
+    attention:     1     1 ...           1 ...                     0 ...
+    loss_mask:     0     0 ...           1 ...                     0 ...
+
+``loss_mask`` is 1 exactly on the completion tokens (eos included), so the
+per-sequence log-probability is ``sum(logp(input_ids[:, 1:] | logits[:, :-1]) *
+loss_mask[:, 1:])``.  Since position 0 is always bos (loss 0), no completion
+token is lost by the shift.
+
+Truncation: the prompt part (bos included) keeps its LAST ``max_prompt_len``
+tokens but always starts with bos (tokens are dropped from the front, after
+bos); the completion keeps its FIRST ``max_completion_len`` tokens with eos
+counted in that budget, so a truncated completion has no eos.  ``truncated[i]``
+records completion truncation, ``prompt_truncated[i]`` prompt truncation.
+
+Prompts for sampling (``encode_prompts``) are LEFT-padded to ``max_prompt_len``
+and start with bos, so generation can append tokens at the right edge.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .schema import DataError, PreferenceExample, validate_examples
+from .tokenizer import WordTokenizer
+
+__all__ = ["encode_completions", "encode_prompts", "encode_pairs", "PAIR_KEYS"]
+
+#: Exact keys returned by :func:`encode_pairs`.
+PAIR_KEYS: tuple[str, ...] = (
+    "chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
+    "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask",
+    "prompt_ids", "prompt_mask",
+    "kl_input_ids", "kl_attention_mask", "kl_loss_mask",
+)
+
+
+def _check_lens(**lens: int) -> None:
+    for name, v in lens.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _prompt_tokens(tokenizer: WordTokenizer, prompt: str, max_prompt_len: int) -> tuple[list[int], bool]:
+    ids = tokenizer.encode(prompt, add_bos=True)
+    if len(ids) <= max_prompt_len:
+        return ids, False
+    keep = max_prompt_len - 1
+    return [tokenizer.bos_id] + (ids[len(ids) - keep:] if keep > 0 else []), True
+
+
+def _completion_tokens(tokenizer: WordTokenizer, completion: str, max_completion_len: int) -> tuple[list[int], bool]:
+    ids = tokenizer.encode(completion) + [tokenizer.eos_id]
+    if len(ids) <= max_completion_len:
+        return ids, False
+    return ids[:max_completion_len], True
+
+
+def encode_completions(
+    tokenizer: WordTokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    max_prompt_len: int,
+    max_completion_len: int,
+) -> dict[str, np.ndarray]:
+    """Encode ``[bos] + prompt + completion + [eos]`` sequences (see module docstring).
+
+    Returns ``input_ids``, ``attention_mask``, ``loss_mask`` (int32 ``[N, T]``),
+    ``truncated`` and ``prompt_truncated`` (bool ``[N]``).
+    """
+    _check_lens(max_prompt_len=max_prompt_len, max_completion_len=max_completion_len)
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    n, t = len(prompts), max_prompt_len + max_completion_len
+    input_ids = np.full((n, t), tokenizer.pad_id, dtype=np.int32)
+    attention_mask = np.zeros((n, t), dtype=np.int32)
+    loss_mask = np.zeros((n, t), dtype=np.int32)
+    truncated = np.zeros((n,), dtype=bool)
+    prompt_truncated = np.zeros((n,), dtype=bool)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        p, prompt_truncated[i] = _prompt_tokens(tokenizer, prompt, max_prompt_len)
+        c, truncated[i] = _completion_tokens(tokenizer, completion, max_completion_len)
+        lp, lc = len(p), len(c)
+        input_ids[i, :lp] = p
+        input_ids[i, lp:lp + lc] = c
+        attention_mask[i, :lp + lc] = 1
+        loss_mask[i, lp:lp + lc] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "truncated": truncated,
+        "prompt_truncated": prompt_truncated,
+    }
+
+
+def encode_prompts(tokenizer: WordTokenizer, prompts: Sequence[str], *, max_prompt_len: int) -> dict[str, np.ndarray]:
+    """LEFT-padded ``[bos] + prompt`` ids for sampling: ``prompt_ids``/``prompt_mask`` int32 ``[N, P]``.
+
+    Same prompt truncation policy as :func:`encode_completions`.
+    """
+    _check_lens(max_prompt_len=max_prompt_len)
+    n = len(prompts)
+    prompt_ids = np.full((n, max_prompt_len), tokenizer.pad_id, dtype=np.int32)
+    prompt_mask = np.zeros((n, max_prompt_len), dtype=np.int32)
+    for i, prompt in enumerate(prompts):
+        p, _ = _prompt_tokens(tokenizer, prompt, max_prompt_len)
+        prompt_ids[i, max_prompt_len - len(p):] = p
+        prompt_mask[i, max_prompt_len - len(p):] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+
+def encode_pairs(
+    tokenizer: WordTokenizer,
+    examples: Sequence[PreferenceExample | dict],
+    *,
+    max_prompt_len: int,
+    max_completion_len: int,
+) -> dict[str, np.ndarray]:
+    """Encode preference pairs into the arrays named in :data:`PAIR_KEYS`.
+
+    ``chosen_*``/``rejected_*``: :func:`encode_completions` of (prompt, chosen/rejected).
+    ``prompt_*``: :func:`encode_prompts` of the prompts.
+    ``kl_*``: prompt ``i`` paired with the CHOSEN completion of example ``(i - 1) mod N``
+    (mismatched pairs for KTO's reference-point KL estimate, as in TRL; with N == 1
+    the pair is matched, there being no other completion).
+
+    Examples are validated first (:class:`DataError` on bad rows); a completion with
+    zero tokens after truncation also raises :class:`DataError`.
+    """
+    _check_lens(max_prompt_len=max_prompt_len, max_completion_len=max_completion_len)
+    exs = validate_examples(examples)
+    prompts = [e.prompt for e in exs]
+    chosen = [e.chosen for e in exs]
+    rejected = [e.rejected for e in exs]
+    kl_completions = [chosen[(i - 1) % len(exs)] for i in range(len(exs))] if exs else []
+
+    kw = dict(max_prompt_len=max_prompt_len, max_completion_len=max_completion_len)
+    out: dict[str, np.ndarray] = {}
+    for prefix, comps, field_name in (("chosen", chosen, "chosen"), ("rejected", rejected, "rejected"),
+                                      ("kl", kl_completions, "chosen")):
+        enc = encode_completions(tokenizer, prompts, comps, **kw)
+        n_tok = enc["loss_mask"].sum(axis=1)
+        if np.any(n_tok == 0):  # defensive: cannot happen with max_completion_len >= 1
+            i = int(np.argmax(n_tok == 0))
+            row = i if prefix != "kl" else (i - 1) % len(exs)
+            raise DataError(f"row {row}: field '{field_name}' has zero tokens after truncation")
+        out[f"{prefix}_input_ids"] = enc["input_ids"]
+        out[f"{prefix}_attention_mask"] = enc["attention_mask"]
+        out[f"{prefix}_loss_mask"] = enc["loss_mask"]
+    out.update(encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len))
+    return {k: out[k] for k in PAIR_KEYS}
