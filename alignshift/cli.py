@@ -1,0 +1,79 @@
+"""The command-line contract every experiment script shares.
+
+    python experiments/<script>.py --config PATH --out DIR [--seeds N] [--quick] [--resume]
+                                   [--methods a,b] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+from alignshift.config import ConfigError, ExperimentConfig, load_config, to_dict
+
+__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir"]
+
+
+def experiment_parser(description: str, default_config: str | None, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
+    p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides config 'seeds')")
+    p.add_argument("--quick", action="store_true", help="reduced run (~1 minute on a CPU), as the tests use")
+    p.add_argument("--resume", action="store_true", help="resume from checkpoints in --out (same config only)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the config's method names")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
+    return p
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, ExperimentConfig]:
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
+    try:
+        cfg = load_config(args.config, overrides, quick=args.quick)
+        if args.methods:
+            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+            known = [m.name for m in cfg.methods]
+            unknown = [m for m in wanted if m not in known]
+            if unknown:
+                raise ConfigError(f"--methods: unknown method(s) {unknown}; the config has {known}")
+            cfg.methods = [m for m in cfg.methods if m.name in wanted]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, cfg
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_out_dir(out: str, cfg: ExperimentConfig, *, resume: bool) -> None:
+    """Create ``out``. Without ``--resume`` stale checkpoints there are removed; with it the
+    config must match the one the checkpoints were made with."""
+    os.makedirs(out, exist_ok=True)
+    stamp = os.path.join(out, "config_fingerprint.txt")
+    fp = config_fingerprint(cfg)
+    if resume and os.path.exists(stamp):
+        with open(stamp) as f:
+            old = f.read().strip()
+        if old != fp:
+            raise SystemExit(
+                f"error: --resume: {out} was produced by a different config (fingerprint {old} != {fp}); "
+                "use a new --out or drop --resume"
+            )
+    if not resume:
+        for name in os.listdir(out):
+            path = os.path.join(out, name)
+            if name.startswith("seed_") and os.path.isdir(path):
+                shutil.rmtree(path)
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))
+    with open(stamp, "w") as f:
+        f.write(fp + "\n")

@@ -1,0 +1,142 @@
+"""Small shared layers: RMSNorm, rotary position embeddings, attention-mask helpers.
+
+Conventions follow Hugging Face transformers' Llama implementation:
+  * RMSNorm parameter is called ``weight`` (HF name), statistics computed in float32.
+  * Rotary embeddings use the "rotate_half" (non-interleaved) layout:
+    ``x * cos + rotate_half(x) * sin`` with ``cos = cos(concat(freqs, freqs))``.
+  * ``rope_inv_freq`` reproduces ``transformers.modeling_rope_utils`` for the
+    "default", "linear" and "llama3" rope types.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Large finite negative used for masked attention logits. Rows that attend to
+# nothing (e.g. a left-pad query) then get a uniform softmax instead of NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm (Llama / T5 style), parameter named ``weight``."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+        self.eps = float(eps)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def _freeze(obj: Any) -> Any:
+    """Recursively turn dicts/lists into hashable tuples (for caching / hashing)."""
+    if isinstance(obj, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0,
+                  rope_scaling: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Inverse rotary frequencies, shape [head_dim // 2], float32 numpy.
+
+    Mirrors transformers' ``_compute_default_rope_parameters``,
+    ``_compute_linear_scaling_rope_parameters`` and ``_compute_llama3_parameters``
+    (all computed in float32 like the torch code). Only rope types whose
+    attention scaling factor is 1.0 are supported.
+    """
+    return _rope_inv_freq_cached(int(head_dim), float(theta), _freeze(rope_scaling or {})).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_inv_freq_cached(head_dim: int, theta: float, frozen_scaling: tuple) -> np.ndarray:
+    scaling = dict(frozen_scaling)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("partial_rotary_factor != 1 is not supported")
+    f32 = np.float32
+    dim = head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
+    inv_freq = (f32(1.0) / (f32(theta) ** exponent)).astype(f32)
+
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / f32(scaling["factor"])).astype(f32)
+    if rope_type == "llama3":
+        factor = f32(scaling["factor"])
+        low_freq_factor = f32(scaling["low_freq_factor"])
+        high_freq_factor = f32(scaling["high_freq_factor"])
+        old_context_len = f32(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = (f32(2 * math.pi) / inv_freq).astype(f32)
+        inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(f32)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (f32(1) - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(is_medium, smoothed, inv_freq_llama).astype(f32)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for integer ``positions`` [..., T] -> two float32 arrays [..., T, 2*len(inv_freq)]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Apply rotary embedding to ``x`` [B, T, H, D] with cos/sin [B, T, D] (HF rotate_half layout).
+
+    Computed in float32, returned in ``x.dtype``.
+    """
+    x32 = x.astype(jnp.float32)
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids from a [B, T] 0/1 mask: ``clip(cumsum(mask) - 1, 0)`` (left-padding safe)."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """Boolean attention mask [B, 1, T, T] (query, key): key is real and key <= query."""
+    T = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
+    key_ok = attention_mask.astype(jnp.bool_)[:, None, None, :]
+    return causal[None, None] & key_ok
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 softmax over the last axis with boolean ``mask``; fully masked rows stay finite."""
+    scores = jnp.where(mask, scores.astype(jnp.float32), MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1)

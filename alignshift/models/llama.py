@@ -1,0 +1,428 @@
+"""Llama causal language model in Flax NNX.
+
+The module attribute tree mirrors Hugging Face names, so importing a checkpoint
+is a pure name mapping (see :func:`hf_name` / :func:`params_from_hf_state_dict`)::
+
+    model.embed_tokens.embedding                 <- model.embed_tokens.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.kernel  <- ...weight.T   (.bias <- .bias)
+    model.layers.{i}.mlp.{gate,up,down}_proj.kernel   <- ...weight.T
+    model.layers.{i}.{input,post_attention}_layernorm.weight
+    model.norm.weight
+    lm_head.kernel                               <- lm_head.weight.T  (absent when tied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignshift.models.layers import (
+    RMSNorm,
+    _freeze,
+    apply_rotary,
+    causal_padding_mask,
+    masked_softmax,
+    positions_from_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+__all__ = [
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "LlamaDecoderLayer",
+    "LlamaAttention",
+    "LlamaMLP",
+    "hf_name",
+    "params_from_hf_state_dict",
+    "params_to_hf_state_dict",
+]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """Llama hyper-parameters with Hugging Face field names.
+
+    ``rope_scaling`` is ``None`` for plain RoPE, or a dict such as
+    ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}``.
+    The config is hashable (it is a static attribute of the module, so it
+    ends up in the nnx GraphDef, which is used as a jit cache key); don't
+    mutate it after building a model.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    initializer_range: float = 0.02
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rtype = rs.pop("type", None)
+            rs.setdefault("rope_type", rtype or "default")
+            rs.pop("rope_theta", None)
+            if rs["rope_type"] == "default":
+                self.rope_scaling = None
+            else:
+                if rs["rope_type"] == "llama3":
+                    rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+                self.rope_scaling = rs
+        # fail early on unsupported rope types
+        rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    def __hash__(self) -> int:
+        return hash(_freeze(dataclasses.asdict(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, config: Any, **overrides: Any) -> "LlamaConfig":
+        """Build from a ``transformers.LlamaConfig`` (v4 or v5) or a config.json-style dict.
+
+        Handles both the old spelling (``rope_theta`` + ``rope_scaling`` with
+        ``type``/``rope_type``) and the transformers-5 one (``rope_parameters``
+        holding ``rope_theta`` and ``rope_type``). ``overrides`` (e.g. ``remat=True``)
+        are applied last.
+        """
+        if isinstance(config, Mapping):
+            d = dict(config)
+        elif hasattr(config, "to_dict"):
+            d = config.to_dict()
+            # to_dict may drop attributes equal to defaults in some versions; fill from attributes
+            for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                         "max_position_embeddings", "tie_word_embeddings", "attention_bias",
+                         "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
+                         "rope_parameters", "rope_scaling", "rope_theta", "hidden_act",
+                         "initializer_range"):
+                if name not in d and hasattr(config, name):
+                    d[name] = getattr(config, name)
+        else:
+            raise TypeError(f"expected a transformers config or a dict, got {type(config)!r}")
+
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise NotImplementedError(f"hidden_act={act!r} not supported (only silu)")
+
+        rope_params = dict(d.get("rope_parameters") or {})
+        old_scaling = dict(d.get("rope_scaling") or {})
+        if any(isinstance(v, Mapping) for v in rope_params.values()):
+            raise NotImplementedError("per-layer-type rope_parameters are not supported for Llama")
+        merged = {**old_scaling, **rope_params}
+        theta = merged.pop("rope_theta", None)
+        if theta is None:
+            theta = d.get("rope_theta", 10000.0)
+        rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+        merged.pop("type", None)
+        if merged.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) not in (None, 1.0):
+            raise NotImplementedError("partial_rotary_factor != 1 is not supported")
+        merged.pop("partial_rotary_factor", None)
+        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **merged}
+
+        kwargs = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            pad_token_id=d.get("pad_token_id"),
+            bos_token_id=d.get("bos_token_id", 1),  # HF LlamaConfig defaults
+            eos_token_id=d.get("eos_token_id", 2),
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _linear(cfg: LlamaConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.dtype = dtype
+        args = (rngs, dtype, param_dtype)
+        self.q_proj = _linear(c, c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
+        self.k_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.v_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.o_proj = _linear(c, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
+        B, T, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        G = H // KV  # query heads per kv head (GQA); HF repeat_kv puts head h on kv head h // G
+        q = self.q_proj(x).reshape(B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, KV, D)
+        v = self.v_proj(x).reshape(B, T, KV, D)
+        q = apply_rotary(q, cos, sin).astype(self.dtype).reshape(B, T, KV, G, D)
+        k = apply_rotary(k, cos, sin).astype(self.dtype)
+        v = v.astype(self.dtype)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (D ** -0.5)
+        probs = masked_softmax(scores, mask[:, :, None])  # mask -> [B,1,1,T,S]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v)
+        return self.o_proj(out.reshape(B, T, H * D))
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        args = (rngs, dtype, param_dtype)
+        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, *args)
+        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, *args)
+        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, *args)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(config, **kw)
+        self.mlp = LlamaMLP(config, **kw)
+        nkw = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **nkw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **nkw)
+
+    def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _call_layer(layer: LlamaDecoderLayer, h, mask, cos, sin):
+    return layer(h, mask, cos, sin)
+
+
+_remat_call_layer = nnx.remat(_call_layer)
+
+
+class LlamaModel(nnx.Module):
+    """The decoder stack (HF ``LlamaModel``): embed_tokens, layers, norm."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.layers = nnx.List([
+            LlamaDecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            for _ in range(config.num_hidden_layers)
+        ])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        # mode="clip": out-of-range ids (e.g. a pad id of -1) must not produce NaN rows.
+        emb = self.embed_tokens.embedding[...]
+        return jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+        c = self.config
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+        mask = causal_padding_mask(attention_mask)
+        h = inputs_embeds.astype(self.dtype)
+        for layer in self.layers:
+            if c.remat:
+                h = _remat_call_layer(layer, h, mask, cos, sin)
+            else:
+                h = layer(h, mask, cos, sin)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama with an LM head. ``model(input_ids, attention_mask=...)`` -> float32 logits [B,T,V]."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs,
+                                   dtype, param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Input embeddings [B,T,d] (in ``dtype``) for ``inputs_embeds=``."""
+        return self.model.embed(input_ids)
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *,
+                      attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None,
+                      inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the lm_head input."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids / inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        return self.model(inputs_embeds, attention_mask, positions)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(h.astype(self.dtype))
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                               inputs_embeds=inputs_embeds)
+        return self.logits_from_hidden(h)
+
+
+# --------------------------------------------------------------------------- HF weight mapping
+
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Map an nnx param path to ``(hf_weight_name, transpose)``.
+
+    ``("model", "layers", 0, "self_attn", "q_proj", "kernel")`` ->
+    ``("model.layers.0.self_attn.q_proj.weight", True)``.
+    """
+    *prefix, leaf = (str(p) for p in path)
+    if leaf == "kernel":
+        return ".".join([*prefix, "weight"]), True
+    if leaf in ("embedding", "weight"):
+        return ".".join([*prefix, "weight"]), False
+    if leaf == "bias":
+        return ".".join([*prefix, "bias"]), False
+    raise ValueError(f"no HF name for parameter path {path!r}")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            name, transpose = hf_name(path)
+            out[name] = (node, transpose)
+    return out
+
+
+def params_from_hf_state_dict(model: LlamaForCausalLM, state_dict: Mapping[str, Any], *,
+                              strict: bool = True) -> LlamaForCausalLM:
+    """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
+
+    Linear weights are transposed (HF [out, in] -> nnx kernel [in, out]); values
+    are cast to each parameter's dtype. With ``strict`` a ``KeyError`` lists every
+    missing and unexpected name. ``lm_head.weight`` is accepted and ignored for
+    tied models; rotary ``inv_freq`` buffers are ignored. Returns ``model``.
+    """
+    params = _named_params(model)
+    tied = model.lm_head is None
+    given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_HF_SUFFIXES)}
+    if tied:
+        given.pop("lm_head.weight", None)
+    missing = sorted(set(params) - set(given))
+    unexpected = sorted(set(given) - set(params))
+    if strict and (missing or unexpected):
+        raise KeyError(f"HF state dict does not match LlamaForCausalLM: missing={missing}, "
+                       f"unexpected={unexpected}")
+    for name, (var, transpose) in params.items():
+        if name not in given:
+            continue
+        arr = _to_numpy(given[name])
+        if transpose:
+            arr = arr.T
+        if tuple(arr.shape) != tuple(var.shape):
+            raise ValueError(f"shape mismatch for {name}: got {arr.shape} (after transpose={transpose}), "
+                             f"expected {tuple(var.shape)}")
+        var.set_value(jnp.asarray(arr, dtype=var.dtype))
+    return model
+
+
+def params_to_hf_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
+    """Inverse of :func:`params_from_hf_state_dict`: HF-named numpy arrays (Linear weights as [out, in])."""
+    out = {}
+    for name, (var, transpose) in _named_params(model).items():
+        arr = np.asarray(var[...])
+        out[name] = arr.T if transpose else arr
+    return out

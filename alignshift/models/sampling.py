@@ -1,0 +1,145 @@
+"""Batched, jitted autoregressive sampling for left-padded prompts.
+
+No KV cache: a fixed-size token buffer [B, P + max_new_tokens] is kept and the
+full forward pass is recomputed at every step (fine for short prompts and
+responses). The whole decode loop is one ``jax.lax.while_loop`` under a single
+``jax.jit``; compiled functions are cached per (GraphDef, static settings), so
+repeated calls with the same shapes do not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignshift.models.layers import positions_from_mask
+
+__all__ = ["generate", "top_p_filter", "sample_logits"]
+
+_NEG_INF = -jnp.inf
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """Nucleus filtering on [..., V] logits: keep the smallest set of most likely
+    tokens whose probability mass reaches ``top_p`` (the top-1 token is always
+    kept); the rest are set to -inf. Same rule as HF ``TopPLogitsWarper``."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = mass_before < top_p
+    keep_sorted = keep_sorted.at[..., 0].set(True)
+    inverse = jnp.argsort(order, axis=-1)
+    keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature, top_p, greedy: bool,
+                  use_top_p: bool) -> jax.Array:
+    """Pick next tokens from [B, V] float32 logits -> [B] int32."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if use_top_p:
+        logits = top_p_filter(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _normalize_eos(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (int,)) or hasattr(eos_id, "__index__"):
+        return (int(eos_id),)
+    return tuple(int(e) for e in eos_id)
+
+
+def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool,
+           use_top_p: bool):
+    def run(state, prompt_ids, prompt_mask, key, temperature, top_p):
+        model = nnx.merge(graphdef, state)
+        B, P = prompt_ids.shape
+        N = max_new_tokens
+        L = P + N
+        prompt_mask = prompt_mask.astype(jnp.int32)
+        prompt_ids = jnp.where(prompt_mask > 0, prompt_ids.astype(jnp.int32), pad_id)
+        tokens = jnp.full((B, L), pad_id, jnp.int32).at[:, :P].set(prompt_ids)
+        mask = jnp.zeros((B, L), jnp.int32).at[:, :P].set(prompt_mask)
+        eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+        def cond(carry):
+            i, _, _, done = carry
+            return (i < N) & ~jnp.all(done)
+
+        def body(carry):
+            i, tokens, mask, done = carry
+            positions = positions_from_mask(mask)
+            logits = model(tokens, attention_mask=mask, positions=positions)  # [B, L, V]
+            last = jax.lax.dynamic_index_in_dim(logits, P + i - 1, axis=1, keepdims=False)
+            nxt = sample_logits(last, jax.random.fold_in(key, i), temperature=temperature,
+                                top_p=top_p, greedy=greedy, use_top_p=use_top_p)
+            alive = ~done
+            nxt = jnp.where(alive, nxt, pad_id)
+            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, P + i, axis=1)
+            mask = jax.lax.dynamic_update_index_in_dim(mask, alive.astype(jnp.int32), P + i, axis=1)
+            hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(done)
+            return i + 1, tokens, mask, done | (alive & hit_eos)
+
+        done0 = jnp.zeros((B,), jnp.bool_)
+        _, tokens, mask, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, mask, done0))
+        return tokens[:, P:], mask[:, P:]
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=32)
+def _build_cached(graphdef, max_new_tokens, eos_ids, pad_id, greedy, use_top_p):
+    return _build(graphdef, max_new_tokens, eos_ids, pad_id, greedy, use_top_p)
+
+
+def _get_fn(graphdef, *static):
+    try:
+        hash(graphdef)
+    except TypeError:  # unhashable static attribute somewhere in the module: no caching
+        return _build(graphdef, *static)
+    return _build_cached(graphdef, *static)
+
+
+def generate(model: nnx.Module, prompt_ids, prompt_mask, *, key: jax.Array, max_new_tokens: int,
+             eos_id: int | Sequence[int] | None, pad_id: int, temperature: float = 1.0,
+             top_p: float = 1.0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sample continuations for LEFT-padded prompts.
+
+    Args:
+      model: callable ``model(ids, attention_mask=, positions=) -> logits [B,T,V]``
+        (e.g. ``LlamaForCausalLM``).
+      prompt_ids, prompt_mask: [B, P]; prompts are left-padded (mask 0 on pads).
+      key: PRNG key (ignored for greedy decoding).
+      eos_id: an id, a sequence of ids (any of them stops a row), or None.
+      temperature: ``0`` means greedy. top_p: nucleus mass (``1.0`` disables filtering).
+
+    Returns:
+      ``(tokens, response_mask)``, both int32 [B, max_new_tokens]. ``response_mask`` is
+      1 on generated tokens up to and including the first eos; later positions hold
+      ``pad_id`` and mask 0.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError("max_new_tokens must be positive")
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[-1] < 1 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError("prompt_ids / prompt_mask must both be [B, P] with P >= 1")
+    greedy = bool(greedy) or float(temperature) == 0.0
+    if not greedy and float(temperature) < 0:
+        raise ValueError("temperature must be >= 0")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    use_top_p = (not greedy) and float(top_p) < 1.0
+    graphdef, state = nnx.split(model)
+    fn = _get_fn(graphdef, int(max_new_tokens), _normalize_eos(eos_id), int(pad_id), greedy, use_top_p)
+    if key is None:
+        key = jax.random.key(0)
+    return fn(state, prompt_ids, prompt_mask, key,
+              jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p))

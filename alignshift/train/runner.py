@@ -1,0 +1,182 @@
+"""Building blocks an experiment composes: build the policy, SFT it, precompute reference
+log-probs, and run one preference method from the reference.
+
+Side effects (files) are limited to the ``writer`` and the checkpoint directory passed in.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignshift.config import ExperimentConfig, MethodConfig, ModelConfig
+from alignshift.data import BatchIterator, WordTokenizer, encode_completions
+from alignshift.losses import Objective, make_objective
+from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
+from alignshift.train.checkpoint import Checkpointer
+from alignshift.train.loop import train_loop
+from alignshift.train.metrics import JsonlWriter
+from alignshift.train.optim import make_optimizer
+from alignshift.train.steps import (
+    batch_sequence_logps,
+    init_state,
+    make_logits_fn,
+    make_preference_step,
+    make_sft_step,
+    split_model,
+)
+
+__all__ = [
+    "build_policy",
+    "objective_for",
+    "run_sft",
+    "precompute_reference_logps",
+    "run_preference",
+]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_policy(cfg: ModelConfig, tokenizer: WordTokenizer, *, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama for the benchmark vocabulary."""
+    vocab = cfg.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    lcfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        remat=cfg.remat,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+    return LlamaForCausalLM(lcfg, rngs=nnx.Rngs(seed), dtype=_DTYPES[cfg.dtype])
+
+
+def objective_for(m: MethodConfig) -> Objective:
+    return make_objective(m.base, m.weighting, base_kwargs=m.base_kwargs, weighting_kwargs=m.weighting_kwargs)
+
+
+def run_sft(
+    model: nnx.Module,
+    sft_pairs: list[tuple[str, str]],
+    tokenizer: WordTokenizer,
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    writer: JsonlWriter | None = None,
+    checkpoint_dir: str | None = None,
+):
+    """Supervised fine-tuning on (prompt, response) pairs; returns the trained params."""
+    graphdef, params, rest = split_model(model)
+    arrays = encode_completions(
+        tokenizer,
+        [p for p, _ in sft_pairs],
+        [r for _, r in sft_pairs],
+        max_prompt_len=cfg.data.max_prompt_len,
+        max_completion_len=cfg.data.max_completion_len,
+    )
+    arrays = {k: arrays[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    it = BatchIterator(arrays, cfg.sft.batch_size, seed=seed)
+    tx = make_optimizer(cfg.sft.optim, cfg.sft.steps)
+    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    state, _ = train_loop(
+        make_sft_step(graphdef, rest, tx),
+        init_state(params, tx),
+        it,
+        steps=cfg.sft.steps,
+        log_every=cfg.train.log_every,
+        writer=writer,
+        checkpointer=ckpt,
+        desc="sft",
+    )
+    if ckpt:
+        ckpt.close()
+    return state["params"]
+
+
+def precompute_reference_logps(
+    logits_fn: Callable, ref_params, arrays: dict, groups=("chosen", "rejected", "kl"), batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """Reference per-sequence log-probs for every example, once: ``reference_{g}_logps [N]``."""
+    fn = jax.jit(lambda p, i, a, m: batch_sequence_logps(logits_fn, p, i, a, m)[0])
+    out = {}
+    for g in groups:
+        if f"{g}_input_ids" not in arrays:
+            continue
+        ids, am, lm = (arrays[f"{g}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
+        n = ids.shape[0]
+        chunks = []
+        for a in range(0, n, batch_size):
+            sl = slice(a, min(a + batch_size, n))
+            pad = batch_size - (sl.stop - sl.start)
+            padded = [np.pad(x[sl], ((0, pad), (0, 0))) for x in (ids, am, lm)]
+            chunks.append(np.asarray(fn(ref_params, *padded))[: sl.stop - sl.start])
+        out[f"reference_{g}_logps"] = np.concatenate(chunks).astype(np.float32)
+    return out
+
+
+def run_preference(
+    graphdef,
+    rest,
+    ref_params,
+    train_arrays: dict,
+    method: MethodConfig,
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    writer: JsonlWriter | None = None,
+    checkpoint_dir: str | None = None,
+    eval_fn: Callable | None = None,
+):
+    """Train one preference method starting from the reference params; returns final params
+    and the logged history. With ``train.precompute_reference`` the reference log-probs are
+    computed once (and must already be in ``train_arrays``); otherwise the frozen reference
+    runs inside every step."""
+    objective = objective_for(method)
+    tx = make_optimizer(cfg.train.optim, cfg.train.steps)
+    step_fn = make_preference_step(graphdef, rest, tx, objective)
+    keep = [k for k in train_arrays if not k.startswith("prompt_")]
+    if not objective.needs_kl_completions:
+        keep = [k for k in keep if not k.startswith(("kl_", "reference_kl"))]
+    if cfg.train.precompute_reference:
+        missing = [k for k in ("reference_chosen_logps", "reference_rejected_logps") if k not in train_arrays]
+        if objective.needs_reference and missing:
+            raise ValueError(f"precompute_reference=True but train arrays lack {missing}")
+        step_args = (None,)
+    else:
+        keep = [k for k in keep if not k.startswith("reference_")]
+        step_args = (ref_params,)
+    it = BatchIterator({k: train_arrays[k] for k in keep}, cfg.train.batch_size, seed=seed)
+    # Start from a copy of the reference: the step donates its state buffers.
+    params0 = jax.tree_util.tree_map(jnp.copy, ref_params)
+    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    state, history = train_loop(
+        step_fn,
+        init_state(params0, tx),
+        it,
+        steps=cfg.train.steps,
+        log_every=cfg.train.log_every,
+        writer=writer,
+        step_args=step_args,
+        checkpointer=ckpt,
+        checkpoint_every=cfg.train.checkpoint_every,
+        eval_fn=eval_fn,
+        eval_every=cfg.train.eval_every,
+        desc=method.name,
+    )
+    if ckpt:
+        ckpt.close()
+    return state["params"], history

@@ -1,0 +1,152 @@
+"""Jitted training steps (SFT and preference), written as pure functions of a state dict.
+
+The model is split once into ``(graphdef, params, rest)``; the steps close over the static
+``graphdef``/``rest`` and take ``state = {"step", "params", "opt_state"}``, so the same state
+is what orbax saves and what a sharded run places on a mesh.
+
+Preference batches use the layout of :func:`alignshift.data.encode.encode_pairs`:
+``{chosen,rejected,kl}_{input_ids,attention_mask,loss_mask}`` ([B, T]); chosen, rejected (and,
+for KTO, the mismatched ``kl`` completions) go through the policy in ONE forward pass,
+concatenated along the batch axis. Reference log-probs come either precomputed in the batch
+(``reference_{chosen,rejected,kl}_logps``) or from a frozen reference forward in the step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from alignshift.losses import Objective, sequence_logps
+
+__all__ = [
+    "split_model",
+    "make_logits_fn",
+    "batch_sequence_logps",
+    "policy_inputs",
+    "init_state",
+    "make_sft_step",
+    "make_preference_step",
+]
+
+
+def split_model(model: nnx.Module):
+    """``(graphdef, params, rest)``: trainable ``nnx.Param`` leaves and everything else."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def make_logits_fn(graphdef, rest) -> Callable:
+    """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure)."""
+
+    def logits_fn(params, input_ids, attention_mask):
+        model = nnx.merge(graphdef, params, rest)
+        return model(input_ids, attention_mask=attention_mask)
+
+    return logits_fn
+
+
+def batch_sequence_logps(logits_fn, params, input_ids, attention_mask, loss_mask):
+    """Per-sequence ``(sum_logps, n_tokens)`` of the response tokens (next-token shift inside)."""
+    logits = logits_fn(params, input_ids, attention_mask)
+    return sequence_logps(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
+
+
+def _sequence_groups(objective: Objective) -> tuple[str, ...]:
+    return ("chosen", "rejected", "kl") if objective.needs_kl_completions else ("chosen", "rejected")
+
+
+def _concat_logps(logits_fn, params, batch, groups):
+    cat = lambda field: jnp.concatenate([batch[f"{g}_{field}"] for g in groups], axis=0)
+    s, n = batch_sequence_logps(logits_fn, params, cat("input_ids"), cat("attention_mask"), cat("loss_mask"))
+    sizes = [batch[f"{g}_input_ids"].shape[0] for g in groups]
+    offsets = [0]
+    for k in sizes:
+        offsets.append(offsets[-1] + k)
+    return {g: (s[a:b], n[a:b]) for g, a, b in zip(groups, offsets[:-1], offsets[1:])}
+
+
+def policy_inputs(logits_fn, params, batch, objective: Objective, ref_params=None) -> dict:
+    """The objective's input dict for one batch (policy forward, reference from batch or model)."""
+    groups = _sequence_groups(objective)
+    pol = _concat_logps(logits_fn, params, batch, groups)
+    inputs = {
+        "policy_chosen_logps": pol["chosen"][0],
+        "policy_rejected_logps": pol["rejected"][0],
+        "chosen_n_tokens": pol["chosen"][1],
+        "rejected_n_tokens": pol["rejected"][1],
+    }
+    if "kl" in groups:
+        inputs["policy_kl_logps"] = pol["kl"][0]
+    if objective.needs_reference:
+        if ref_params is None:
+            missing = [f"reference_{g}_logps" for g in groups if f"reference_{g}_logps" not in batch]
+            if missing:
+                raise ValueError(f"batch lacks precomputed {missing} and no reference params were given")
+            ref = {g: batch[f"reference_{g}_logps"] for g in groups}
+        else:
+            r = _concat_logps(logits_fn, ref_params, batch, groups)
+            ref = {g: r[g][0] for g in groups}
+        for g in groups:
+            inputs[f"reference_{g}_logps"] = jax.lax.stop_gradient(ref[g])
+    if "weight" in batch:
+        inputs["weight"] = batch["weight"]
+    return inputs
+
+
+def init_state(params, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def _apply(state, grads, tx):
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+
+
+def make_sft_step(graphdef, rest, tx) -> Callable:
+    """``step(state, batch) -> (state, metrics)``: mean token NLL over ``loss_mask`` (responses)."""
+    logits_fn = make_logits_fn(graphdef, rest)
+
+    def loss_fn(params, batch):
+        s, n = batch_sequence_logps(
+            logits_fn, params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        )
+        nll = -s.sum() / jnp.maximum(n.sum(), 1.0)
+        return nll, {"loss": nll}
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def step(state, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return _apply(state, grads, tx), metrics
+
+    return step
+
+
+def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
+    """``step(state, batch, ref_params=None) -> (state, metrics)``.
+
+    With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
+    otherwise the frozen reference (same graphdef) runs forward inside the step.
+    """
+    logits_fn = make_logits_fn(graphdef, rest)
+
+    def loss_fn(params, batch, ref_params):
+        inputs = policy_inputs(logits_fn, params, batch, objective, ref_params)
+        return objective(inputs)
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def step(state, batch, ref_params=None):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, ref_params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return _apply(state, grads, tx), metrics
+
+    return step
+
+
+def tree_size(tree: Any) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(tree))
