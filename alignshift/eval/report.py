@@ -78,8 +78,11 @@ def format_table(summary: dict, columns: list[tuple[str, str]]) -> str:
     return "\n".join(rows)
 
 
-def plot_training_curves(records: list[dict], path: str, *, panels: list[tuple[str, str]]) -> None:
-    """One panel per (metric key, title); one line per method (mean over seeds)."""
+def plot_training_curves(
+    records: list[dict], path: str, *, panels: list[tuple[str, str]], log_scale: tuple[str, ...] = ("loss",)
+) -> None:
+    """One panel per (metric key, title); one line per method (mean over seeds). Panels whose
+    key is in ``log_scale`` use a log y-axis (losses of different families differ by 10-100x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,6 +99,8 @@ def plot_training_curves(records: list[dict], path: str, *, panels: list[tuple[s
                 continue
             ys = [np.mean([r[key] for r in rs if r["step"] == s]) for s in steps]
             ax.plot(steps, ys, marker="o" if len(steps) < 8 else None, ms=3, label=m)
+        if key in log_scale:
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,0 +1,66 @@
+"""The demo end to end (--quick), its output files, and its CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "shift_demo.py")
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = _run("--quick", "--out", str(out), "--methods", "dpo,ipo,simpo,kto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_demo_writes_summary_in_design_schema(quick_run):
+    out, proc = quick_run
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) >= {"scenario", "seed", "methods", "config"}
+    assert s["scenario"] == "deploy_shift" and isinstance(s["seed"], int)
+    assert set(s["methods"]) == {"reference (SFT)", "dpo", "ipo", "simpo", "kto"}
+    for name, m in s["methods"].items():
+        for k in ("deploy_pref_acc", "deploy_reward", "win_rate_vs_ref", "kl_to_ref"):
+            assert isinstance(m[k], float), (name, k)
+        if name != "reference (SFT)":
+            assert 0.0 <= m["deploy_pref_acc"] <= 1.0 and 0.0 <= m["win_rate_vs_ref"] <= 1.0
+    assert s["config"]["train"]["steps"] == 20  # --quick applied
+    assert (out / "seed_0" / "summary.json").exists()
+    assert "| method |" in proc.stdout and "| dpo |" in proc.stdout
+
+
+def test_demo_writes_metrics_jsonl_and_plot(quick_run):
+    out, _ = quick_run
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = {r["phase"] for r in recs}
+    assert phases == {"sft", "preference"}
+    dpo = [r for r in recs if r["method"] == "dpo" and "loss" in r]
+    assert [r["step"] for r in dpo] == [5, 10, 15, 20]
+    assert any("eval/deploy_pref_acc" in r for r in recs)
+    png = (out / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (out / "results.md").read_text().startswith("## ShiftBench")
+
+
+def test_demo_rejects_unknown_config_key(tmp_path):
+    proc = _run("--quick", "--out", str(tmp_path), "train.lrr=1", timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'train.lrr'" in proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_demo_rejects_unknown_method(tmp_path):
+    proc = _run("--quick", "--out", str(tmp_path), "--methods", "dpo,nope", timeout=120)
+    assert proc.returncode == 2 and "unknown method(s) ['nope']" in proc.stderr
