@@ -40,8 +40,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Tiny Llama-architecture policy (HF field names). ``vocab_size`` 0 = from the tokenizer."""
+    """The policy. With ``hf_path`` set, the model is loaded from that local HF folder
+    (``alignshift.models.load_hf_model``: Llama, Gemma 1/2, GPT-NeoX, GPT-2) and the size
+    fields below are ignored; otherwise a tiny Llama with these HF-named sizes is initialised
+    (``vocab_size`` 0 = from the tokenizer)."""
 
+    hf_path: str = ""
     vocab_size: int = 0
     hidden_size: int = 64
     intermediate_size: int = 128

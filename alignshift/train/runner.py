@@ -42,8 +42,17 @@ __all__ = [
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_policy(cfg: ModelConfig, tokenizer: WordTokenizer, *, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised tiny Llama for the benchmark vocabulary."""
+def build_policy(cfg: ModelConfig, tokenizer, *, seed: int, mesh=None) -> nnx.Module:
+    """The policy: loaded from ``cfg.hf_path`` if set, else a freshly initialised tiny Llama
+    sized for the tokenizer's vocabulary."""
+    if cfg.hf_path:
+        from alignshift.models.hf import load_hf_model
+
+        model = load_hf_model(cfg.hf_path, dtype=_DTYPES[cfg.dtype], mesh=mesh, remat=cfg.remat)
+        n_vocab = getattr(model.config, "vocab_size", None)
+        if n_vocab is not None and n_vocab < len(tokenizer):
+            raise ValueError(f"model.hf_path={cfg.hf_path}: vocab_size {n_vocab} < tokenizer size {len(tokenizer)}")
+        return model
     vocab = cfg.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
