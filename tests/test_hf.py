@@ -17,6 +17,12 @@ V = 97
 def _tiny_configs():
     yield "llama", transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2)
+    yield "gemma", transformers.GemmaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    yield "gemma2", transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                              sliding_window=4, attn_logit_softcapping=5.0,
+                                              final_logit_softcapping=3.0, query_pre_attn_scalar=8)
 
 
 def _randomise(model, seed=0):
@@ -29,7 +35,7 @@ def _randomise(model, seed=0):
 
 def _batch():
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, V, (3, 9))
+    ids = rng.integers(0, V, (3, 9))  # longer than Gemma 2's sliding window
     mask = np.ones((3, 9), np.int32)
     mask[1, 6:] = 0
     mask[2, 3:] = 0
@@ -37,8 +43,10 @@ def _batch():
 
 
 def _torch_logits(m, ids, mask):
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     with torch.no_grad():
-        return m(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+        return m(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                 use_cache=False).logits.float().numpy()
 
 
 @pytest.fixture(scope="module", params=list(_tiny_configs()), ids=lambda p: p[0])

@@ -85,10 +85,14 @@ def test_precomputed_reference_equals_in_step_reference(setup):
     assert a[-1]["loss"] < a[0]["loss"]
 
 
-@pytest.mark.parametrize("base", ["dpo", "ipo", "simpo", "kto"])
-def test_every_base_loss_trains(setup, base):
+@pytest.mark.parametrize("base, weighting", [("dpo", "uniform"), ("ipo", "uniform"), ("simpo", "uniform"),
+                                             ("kto", "uniform"), ("dpo", "wpo")])
+def test_every_base_loss_trains(setup, base, weighting):
     cfg, _, graphdef, rest, ref_params, arrays = setup
-    _, hist = _run(cfg, graphdef, rest, ref_params, arrays, MethodConfig(name=base, base=base), steps=12)
+    m = MethodConfig(name=base, base=base, weighting=weighting)
+    _, hist = _run(cfg, graphdef, rest, ref_params, arrays, m, steps=12)
+    if weighting == "wpo":
+        assert 0.0 < hist[0]["weights/max"] <= 1.0  # raw, clipped policy-probability weights
     assert all(np.isfinite(r["loss"]) for r in hist)
     first, last = np.mean([r["loss"] for r in hist[:3]]), np.mean([r["loss"] for r in hist[-3:]])
     assert last < first

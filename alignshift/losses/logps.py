@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sequence_logps", "mean_logps", "token_logps", "check_logits_labels"]
+__all__ = ["sequence_logps", "sequence_logps_wpo", "mean_logps", "token_logps", "check_logits_labels"]
 
 
 def check_logits_labels(logits, labels, mask) -> None:
@@ -58,3 +58,22 @@ def sequence_logps(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tup
 def mean_logps(sum_logps: jax.Array, n_tokens: jax.Array) -> jax.Array:
     """Length-normalised log-probs ``S / |y|`` (0 for an empty response, never NaN)."""
     return sum_logps / jnp.maximum(n_tokens, 1.0)
+
+
+def sequence_logps_wpo(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+    """``sequence_logps`` plus WPO's per-sequence log-weight term (Zhou et al. 2024).
+
+    ``ā(y) = (1/|y|) Σ_t m_t [ℓ_t − log Σ_v π(v | x, y_<t)²]`` with the stable form
+    ``log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z)`` (no ``p²`` materialised), detached.
+    Returns ``(sum_logps [B], n_tokens [B], wpo_logw [B])``.
+    """
+    check_logits_labels(logits, labels, mask)
+    valid = mask.astype(bool)
+    x = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
+    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    lp = jnp.where(valid, jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0] - lse, 0.0)
+    log_sum_p2 = jax.nn.logsumexp(2.0 * x, axis=-1) - 2.0 * lse
+    n = mask.astype(jnp.float32).sum(axis=-1)
+    adj = jnp.where(valid, jax.lax.stop_gradient(lp) - jax.lax.stop_gradient(log_sum_p2), 0.0)
+    return lp.sum(axis=-1), n, adj.sum(axis=-1) / jnp.maximum(n, 1.0)

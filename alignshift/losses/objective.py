@@ -139,6 +139,10 @@ class Objective:
     def needs_val(self) -> bool:
         return WEIGHTING_RULES[self.weighting].needs_val
 
+    @property
+    def needs_wpo(self) -> bool:
+        return WEIGHTING_RULES[self.weighting].needs_wpo
+
     def terms(self, inputs: dict) -> tuple[PreferenceTerms, dict]:
         return BASE_LOSSES[self.base].fn(inputs, **self.base_kwargs)
 
@@ -150,7 +154,8 @@ class Objective:
             raise ValueError(f"weighting {self.weighting!r} needs a validation batch (val_inputs)")
         feats = _features(terms, rule.features)
         val_feats = _features(val_terms, rule.features) if val_terms is not None else None
-        w = normalize_weights(rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs))
+        w = rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs)
+        w = normalize_weights(w) if rule.normalize else jax.lax.stop_gradient(w)
         if "weight" in inputs:  # per-example data weights, combined multiplicatively
             w = w * jax.lax.stop_gradient(inputs["weight"].astype(jnp.float32))
         loss = jnp.mean(w * terms.losses)

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["WeightingRule", "WEIGHTING_RULES", "uniform_weights", "normalize_weights", "weight_stats"]
+__all__ = ["WeightingRule", "WEIGHTING_RULES", "uniform_weights", "wpo_weights", "normalize_weights", "weight_stats"]
 
 
 def normalize_weights(w: jax.Array) -> jax.Array:
@@ -39,15 +39,42 @@ def weight_stats(w: jax.Array) -> dict:
     return {"weights/min": w.min(), "weights/max": w.max(), "weights/ess": ess}
 
 
+def wpo_weights(train_features, *, val_features=None, aux=None, clip: float | None = 1.0, normalize: bool = False):
+    """WPO (Zhou et al. 2024): ``w = exp(ā(y_w) + ā(y_l))``, the policy's own (alignment-
+    adjusted) probability of the pair, detached.
+
+    ``ā`` comes from :func:`alignshift.losses.logps.sequence_logps_wpo` via
+    ``aux["policy_chosen_wpo"]``/``aux["policy_rejected_wpo"]``. ``clip`` caps ``w`` (the WPO
+    repo clips at 1; ``None`` = no cap). The WPO repo and TRL do **not** normalise: the loss is
+    ``mean_i w_i·ℓ_i`` with raw ``w ≤ 1`` (``normalize=False``, the default, for parity);
+    ``normalize=True`` rescales to mean 1 as the other rules do.
+    """
+    del train_features, val_features
+    if aux is None or "policy_chosen_wpo" not in aux:
+        raise ValueError("wpo weights need aux['policy_chosen_wpo'] and aux['policy_rejected_wpo']")
+    logw = jax.lax.stop_gradient(aux["policy_chosen_wpo"] + aux["policy_rejected_wpo"])
+    w = jnp.exp(logw)
+    if clip is not None:
+        w = jnp.minimum(w, clip)
+    if normalize:
+        # in log space: robust when every exp(logw) underflows
+        w = jnp.exp(logw - jax.nn.logsumexp(logw)) * logw.shape[0] if clip is None else normalize_weights(w)
+    return w
+
+
 class WeightingRule(NamedTuple):
-    """A registered rule: the function, which per-example features it reads, and whether it
-    needs a deployment/validation batch."""
+    """A registered rule: the function, which per-example features it reads, whether it needs
+    a deployment/validation batch, whether it needs WPO's per-sequence term, and whether the
+    objective should rescale its output to mean 1 (False: the rule decides, e.g. WPO)."""
 
     fn: Callable[..., jax.Array]
     features: str  # "loss" | "rewards" | "none"
     needs_val: bool
+    needs_wpo: bool = False
+    normalize: bool = True
 
 
 WEIGHTING_RULES: dict[str, WeightingRule] = {
     "uniform": WeightingRule(uniform_weights, features="none", needs_val=False),
+    "wpo": WeightingRule(wpo_weights, features="none", needs_val=False, needs_wpo=True, normalize=False),
 }

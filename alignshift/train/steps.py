@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from alignshift.losses import Objective, sequence_logps
+from alignshift.losses.logps import sequence_logps_wpo
 
 __all__ = [
     "split_model",
@@ -49,36 +50,44 @@ def make_logits_fn(graphdef, rest) -> Callable:
     return logits_fn
 
 
-def batch_sequence_logps(logits_fn, params, input_ids, attention_mask, loss_mask):
-    """Per-sequence ``(sum_logps, n_tokens)`` of the response tokens (next-token shift inside)."""
+def batch_sequence_logps(logits_fn, params, input_ids, attention_mask, loss_mask, *, with_wpo: bool = False):
+    """Per-sequence ``(sum_logps, n_tokens)`` of the response tokens (next-token shift inside);
+    with ``with_wpo`` also WPO's per-sequence log-weight term (a third output)."""
     logits = logits_fn(params, input_ids, attention_mask)
-    return sequence_logps(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
+    fn = sequence_logps_wpo if with_wpo else sequence_logps
+    return fn(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
 
 
 def _sequence_groups(objective: Objective) -> tuple[str, ...]:
     return ("chosen", "rejected", "kl") if objective.needs_kl_completions else ("chosen", "rejected")
 
 
-def _concat_logps(logits_fn, params, batch, groups):
+def _concat_logps(logits_fn, params, batch, groups, with_wpo=False):
+    """One forward over the groups concatenated on the batch axis -> {group: outputs}."""
     cat = lambda field: jnp.concatenate([batch[f"{g}_{field}"] for g in groups], axis=0)
-    s, n = batch_sequence_logps(logits_fn, params, cat("input_ids"), cat("attention_mask"), cat("loss_mask"))
+    outs = batch_sequence_logps(
+        logits_fn, params, cat("input_ids"), cat("attention_mask"), cat("loss_mask"), with_wpo=with_wpo
+    )
     sizes = [batch[f"{g}_input_ids"].shape[0] for g in groups]
     offsets = [0]
     for k in sizes:
         offsets.append(offsets[-1] + k)
-    return {g: (s[a:b], n[a:b]) for g, a, b in zip(groups, offsets[:-1], offsets[1:])}
+    return {g: tuple(o[a:b] for o in outs) for g, a, b in zip(groups, offsets[:-1], offsets[1:])}
 
 
 def policy_inputs(logits_fn, params, batch, objective: Objective, ref_params=None) -> dict:
     """The objective's input dict for one batch (policy forward, reference from batch or model)."""
     groups = _sequence_groups(objective)
-    pol = _concat_logps(logits_fn, params, batch, groups)
+    pol = _concat_logps(logits_fn, params, batch, groups, with_wpo=objective.needs_wpo)
     inputs = {
         "policy_chosen_logps": pol["chosen"][0],
         "policy_rejected_logps": pol["rejected"][0],
         "chosen_n_tokens": pol["chosen"][1],
         "rejected_n_tokens": pol["rejected"][1],
     }
+    if objective.needs_wpo:
+        inputs["policy_chosen_wpo"] = pol["chosen"][2]
+        inputs["policy_rejected_wpo"] = pol["rejected"][2]
     if "kl" in groups:
         inputs["policy_kl_logps"] = pol["kl"][0]
     if objective.needs_reference:

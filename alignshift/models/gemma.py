@@ -1,0 +1,533 @@
+"""Gemma (1) and Gemma 2 causal language models in Flax NNX.
+
+Follows the conventions of :mod:`alignshift.models.llama` (HF-named attribute
+tree, ``nnx.List`` of layers, hashable config dataclass, float32 logits) and
+reproduces Hugging Face transformers' ``GemmaForCausalLM`` /
+``Gemma2ForCausalLM`` (eager attention path). Parameter names::
+
+    model.embed_tokens.embedding                        <- model.embed_tokens.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.kernel    <- ...weight.T   (.bias <- .bias)
+    model.layers.{i}.mlp.{gate,up,down}_proj.kernel     <- ...weight.T
+    model.layers.{i}.input_layernorm.weight
+    model.layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.{pre,post}_feedforward_layernorm.weight   (Gemma 2 only)
+    model.norm.weight
+    (no lm_head: embeddings are always tied; an HF ``lm_head.weight`` is ignored)
+
+Details matched to transformers (which in places differ from the papers):
+
+* RMSNorm: normalise in float32, multiply by ``(1 + weight)`` in float32, then
+  cast (weights are stored zero-centred; HF inits them to 0).
+* Input embeddings are multiplied by ``sqrt(hidden_size)`` *rounded to the
+  compute dtype* (in bf16: 55.4256 -> 55.5, as HF does). :meth:`embed` returns
+  the scaled embeddings (like HF's ``get_input_embeddings()(ids)``), so
+  ``inputs_embeds`` passed to ``__call__`` are used as is (not re-scaled).
+* Gemma 1: pre-norm block, ``post_attention_layernorm`` is the *pre-MLP* norm
+  (Llama layout). Gemma 2: sandwich norms, ``post_attention_layernorm`` normalises
+  the attention output, ``pre_/post_feedforward_layernorm`` wrap the MLP.
+* Attention scale ``query_pre_attn_scalar ** -0.5`` (Gemma 2) or
+  ``head_dim ** -0.5`` (Gemma 1); attention soft-cap ``tanh(s / c) * c`` on
+  the scaled scores before masking; final logit soft-cap on the logits.
+* Sliding-window layers: key index ``k`` is visible from query index ``q`` iff
+  ``q - window < k <= q`` (HF ``sliding_window_overlay``: ``kv_idx > q_idx - window``),
+  i.e. a query sees itself plus ``window - 1`` previous tokens. Like HF, the
+  window is measured in sequence indices (equal to position differences for
+  left- or right-padded batches). ``layer_types`` (transformers 5) or the
+  default alternating rule (layer 0 sliding, layer 1 full, ...) decide which
+  layers are sliding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignshift.models.layers import (
+    _freeze,
+    apply_rotary,
+    causal_padding_mask,
+    masked_softmax,
+    positions_from_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from alignshift.models.llama import hf_name
+
+__all__ = [
+    "GemmaConfig",
+    "GemmaForCausalLM",
+    "GemmaModel",
+    "GemmaDecoderLayer",
+    "GemmaAttention",
+    "GemmaMLP",
+    "GemmaRMSNorm",
+    "sliding_window_mask",
+    "params_from_hf_state_dict",
+    "params_to_hf_state_dict",
+]
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+_MODEL_TYPES = ("gemma", "gemma2")
+# hidden activation -> jax.nn.gelu(approximate=...)
+_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}
+# Gemma 2 defaults of transformers' Gemma2Config (used when a config dict omits them)
+_GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0, sliding_window=4096)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class GemmaConfig:
+    """Gemma / Gemma 2 hyper-parameters with Hugging Face field names.
+
+    ``model_type`` ("gemma" or "gemma2") selects the block layout (Gemma 2 adds
+    the post-attention / pre- and post-feed-forward norms). The Gemma 2 knobs
+    (``query_pre_attn_scalar``, soft-caps, ``sliding_window``, ``layer_types``)
+    default to "off" here; :meth:`from_hf` fills them from the HF config.
+    ``query_pre_attn_scalar=None`` means ``head_dim`` (Gemma 1 scaling);
+    ``layer_types=None`` means all-full for Gemma 1 and HF's alternating rule
+    (even layers sliding) for Gemma 2. Hashable, like :class:`LlamaConfig`.
+    """
+
+    model_type: str = "gemma"
+    vocab_size: int = 256000
+    hidden_size: int = 3072
+    intermediate_size: int = 24576
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    initializer_range: float = 0.02
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.model_type not in _MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {_MODEL_TYPES}, got {self.model_type!r}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.hidden_activation not in _ACTIVATIONS:
+            raise NotImplementedError(f"hidden_activation={self.hidden_activation!r} not supported "
+                                      f"({sorted(_ACTIVATIONS)})")
+        if self.query_pre_attn_scalar is None:
+            self.query_pre_attn_scalar = self.head_dim
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
+        if self.layer_types is None:
+            if self.model_type == "gemma2":
+                self.layer_types = [SLIDING if (i + 1) % 2 else FULL
+                                    for i in range(self.num_hidden_layers)]
+            else:
+                self.layer_types = [FULL] * self.num_hidden_layers
+        self.layer_types = [str(t) for t in self.layer_types]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries, expected "
+                             f"num_hidden_layers={self.num_hidden_layers}")
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise ValueError(f"unknown layer_types {bad} (expected {SLIDING!r} / {FULL!r})")
+        if SLIDING in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types contains sliding_attention but sliding_window is None")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+    def __hash__(self) -> int:
+        return hash(_freeze(dataclasses.asdict(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GemmaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, config: Any, **overrides: Any) -> "GemmaConfig":
+        """Build from a ``transformers.GemmaConfig`` / ``Gemma2Config`` (v4 or v5) or a config.json dict.
+
+        Reads ``rope_parameters["rope_theta"]`` (transformers 5) or top-level
+        ``rope_theta``; ``hidden_activation`` or ``hidden_act`` (Gemma 1's legacy
+        ``"gelu"`` means the tanh approximation, as in transformers); ``layer_types``
+        or the alternating rule. ``overrides`` (e.g. ``remat=True``) are applied last.
+        """
+        if isinstance(config, Mapping):
+            d = dict(config)
+        elif hasattr(config, "to_dict"):
+            d = config.to_dict()
+            for name in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                         "head_dim", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+                         "hidden_activation", "attention_bias", "rope_parameters", "rope_scaling",
+                         "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                         "final_logit_softcapping", "sliding_window", "layer_types",
+                         "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+                         "initializer_range", "use_bidirectional_attention"):
+                if name not in d and hasattr(config, name):
+                    d[name] = getattr(config, name)
+        else:
+            raise TypeError(f"expected a transformers config or a dict, got {type(config)!r}")
+
+        model_type = d.get("model_type")
+        if model_type is None:  # bare dict: guess from Gemma 2-only fields
+            g2 = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                  "sliding_window", "layer_types")
+            model_type = "gemma2" if any(k in d for k in g2) else "gemma"
+        if model_type not in _MODEL_TYPES:
+            raise NotImplementedError(f"model_type {model_type!r} is not supported (gemma, gemma2)")
+        if not d.get("tie_word_embeddings", True):
+            raise NotImplementedError("untied Gemma embeddings (tie_word_embeddings=False) are not supported")
+        if d.get("use_bidirectional_attention"):
+            raise NotImplementedError("use_bidirectional_attention=True is not supported")
+
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if model_type == "gemma" and act == "gelu":
+            act = "gelu_pytorch_tanh"  # transformers' legacy remap for the official Gemma 1 configs
+
+        rope_params = dict(d.get("rope_parameters") or {})
+        if any(isinstance(v, Mapping) for v in rope_params.values()):
+            raise NotImplementedError("per-layer-type rope_parameters are not supported for Gemma")
+        merged = {**dict(d.get("rope_scaling") or {}), **rope_params}
+        theta = merged.pop("rope_theta", None)
+        if theta is None:
+            theta = d.get("rope_theta", 10000.0)
+        rope_type = merged.get("rope_type") or merged.get("type") or "default"
+        if rope_type != "default":
+            raise NotImplementedError(f"rope_type {rope_type!r} is not supported for Gemma")
+        if merged.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) not in (None, 1.0):
+            raise NotImplementedError("partial_rotary_factor != 1 is not supported")
+
+        kwargs: dict[str, Any] = dict(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            hidden_activation=act,
+            attention_bias=bool(d.get("attention_bias", False)),
+            pad_token_id=d.get("pad_token_id", 0),  # HF Gemma defaults
+            bos_token_id=d.get("bos_token_id", 2),
+            eos_token_id=d.get("eos_token_id", 1),
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        if model_type == "gemma2":
+            for k, default in _GEMMA2_DEFAULTS.items():
+                kwargs[k] = d.get(k, default)
+            kwargs["layer_types"] = d.get("layer_types")
+            if kwargs["layer_types"] is not None:
+                kwargs["layer_types"] = list(kwargs["layer_types"])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class GemmaRMSNorm(nnx.Module):
+    """Gemma RMSNorm: ``normalise(x) * (1 + weight)`` in float32, then cast to ``dtype``.
+
+    ``weight`` is zero-centred (initialised to 0, i.e. identity scaling).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype=param_dtype))
+        self.eps = float(eps)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
+
+
+def _linear(cfg: GemmaConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def sliding_window_mask(attention_mask: jax.Array, window: int) -> jax.Array:
+    """Boolean [B, 1, T, T] mask: causal + padding + ``q - window < k`` (HF's sliding overlay)."""
+    T = attention_mask.shape[-1]
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    return causal_padding_mask(attention_mask) & (k > q - window)[None, None]
+
+
+class GemmaAttention(nnx.Module):
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.scaling = float(c.query_pre_attn_scalar) ** -0.5
+        self.softcap = None if c.attn_logit_softcapping is None else float(c.attn_logit_softcapping)
+        self.dtype = dtype
+        args = (rngs, dtype, param_dtype)
+        self.q_proj = _linear(c, c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
+        self.k_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.v_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.o_proj = _linear(c, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
+        B, T, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        G = H // KV  # HF repeat_kv: query head h uses kv head h // G
+        q = self.q_proj(x).reshape(B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, KV, D)
+        v = self.v_proj(x).reshape(B, T, KV, D)
+        q = apply_rotary(q, cos, sin).astype(self.dtype).reshape(B, T, KV, G, D)
+        k = apply_rotary(k, cos, sin).astype(self.dtype)
+        v = v.astype(self.dtype)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = _softcap(scores * self.scaling, self.softcap)
+        probs = masked_softmax(scores, mask[:, :, None])  # mask -> [B,1,1,T,S]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v)
+        return self.o_proj(out.reshape(B, T, H * D))
+
+
+class GemmaMLP(nnx.Module):
+    """GeGLU: ``down(gelu(gate(x)) * up(x))`` (tanh-approximate gelu by default)."""
+
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        args = (rngs, dtype, param_dtype)
+        self.approximate = _ACTIVATIONS[c.hidden_activation]
+        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, False, *args)
+        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, False, *args)
+        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, False, *args)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jax.nn.gelu(self.gate_proj(x), approximate=self.approximate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nnx.Module):
+    """Gemma 1 (pre-norm) or Gemma 2 (sandwich-norm) decoder block."""
+
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.is_gemma2 = config.is_gemma2
+        self.self_attn = GemmaAttention(config, **kw)
+        self.mlp = GemmaMLP(config, **kw)
+        nkw = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
+        if self.is_gemma2:
+            self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
+            self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
+
+    def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        if self.is_gemma2:
+            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), mask, cos, sin))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        # Gemma 1: HF's "post_attention_layernorm" is the pre-MLP norm
+        h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _call_layer(layer: GemmaDecoderLayer, h, mask, cos, sin):
+    return layer(h, mask, cos, sin)
+
+
+_remat_call_layer = nnx.remat(_call_layer)
+
+
+class GemmaModel(nnx.Module):
+    """The decoder stack (HF ``GemmaModel`` / ``Gemma2Model``): embed_tokens, layers, norm."""
+
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.layers = nnx.List([
+            GemmaDecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            for _ in range(config.num_hidden_layers)
+        ])
+        self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                                 param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Scaled input embeddings ``E[ids] * sqrt(hidden_size)`` in ``dtype`` (normaliser rounded to ``dtype``)."""
+        emb = self.embed_tokens.embedding[...]
+        # mode="clip": out-of-range ids (e.g. a pad id of -1) must not produce NaN rows.
+        x = jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+        return x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype=self.dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+        c = self.config
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta))
+        masks = {FULL: causal_padding_mask(attention_mask)}
+        if SLIDING in c.layer_types:
+            masks[SLIDING] = sliding_window_mask(attention_mask, c.sliding_window)
+        h = inputs_embeds.astype(self.dtype)
+        for layer, kind in zip(self.layers, c.layer_types):
+            if c.remat:
+                h = _remat_call_layer(layer, h, masks[kind], cos, sin)
+            else:
+                h = layer(h, masks[kind], cos, sin)
+        return self.norm(h)
+
+
+class GemmaForCausalLM(nnx.Module):
+    """Gemma / Gemma 2 with tied LM head. ``model(input_ids, attention_mask=...)`` -> float32 logits [B,T,V]."""
+
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.model = GemmaModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = None  # always tied to model.embed_tokens
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Input embeddings [B,T,d] (in ``dtype``, already scaled by sqrt(hidden_size)) for ``inputs_embeds=``."""
+        return self.model.embed(input_ids)
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *,
+                      attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None,
+                      inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids / inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        return self.model(inputs_embeds, attention_mask, positions)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """Tied LM head (+ final logit soft-cap, applied in float32) -> float32 logits."""
+        logits = self.model.embed_tokens.attend(h.astype(self.dtype)).astype(jnp.float32)
+        return _softcap(logits, self.config.final_logit_softcapping)
+
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                               inputs_embeds=inputs_embeds)
+        return self.logits_from_hidden(h)
+
+
+# --------------------------------------------------------------------------- HF weight mapping
+
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "embed_tokens.embed_scale")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            name, transpose = hf_name(path)
+            out[name] = (node, transpose)
+    return out
+
+
+def params_from_hf_state_dict(model: GemmaForCausalLM, state_dict: Mapping[str, Any], *,
+                              strict: bool = True) -> GemmaForCausalLM:
+    """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
+
+    Linear weights are transposed (HF [out, in] -> kernel [in, out]); values are
+    cast to each parameter's dtype. ``lm_head.weight`` (tied) and rotary /
+    embed-scale buffers are ignored. With ``strict`` a ``KeyError`` lists every
+    missing and unexpected name; a shape mismatch raises ``ValueError``. Returns ``model``.
+    """
+    params = _named_params(model)
+    given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_HF_SUFFIXES)}
+    given.pop("lm_head.weight", None)
+    missing = sorted(set(params) - set(given))
+    unexpected = sorted(set(given) - set(params))
+    if strict and (missing or unexpected):
+        raise KeyError(f"HF state dict does not match GemmaForCausalLM "
+                       f"({model.config.model_type}): missing={missing}, unexpected={unexpected}")
+    for name, (var, transpose) in params.items():
+        if name not in given:
+            continue
+        arr = _to_numpy(given[name])
+        if transpose:
+            arr = arr.T
+        if tuple(arr.shape) != tuple(var.shape):
+            raise ValueError(f"shape mismatch for {name}: got {arr.shape} (after transpose={transpose}), "
+                             f"expected {tuple(var.shape)}")
+        var.set_value(jnp.asarray(arr, dtype=var.dtype))
+    return model
+
+
+def params_to_hf_state_dict(model: GemmaForCausalLM) -> dict[str, np.ndarray]:
+    """Inverse of :func:`params_from_hf_state_dict`: HF-named numpy arrays (Linear weights [out, in]).
+
+    ``lm_head.weight`` is not emitted (tied to ``model.embed_tokens.weight``).
+    """
+    out = {}
+    for name, (var, transpose) in _named_params(model).items():
+        arr = np.asarray(var[...])
+        out[name] = arr.T if transpose else arr
+    return out
