@@ -97,6 +97,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50  # held-out deployment preference accuracy during training (0 = off)
     checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+    # deployment/validation batch per step, for rules that need one (IW-DPO); capped at the
+    # validation set's size
+    val_batch_size: int = 16
 
 
 @dataclasses.dataclass

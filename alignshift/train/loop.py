@@ -42,13 +42,16 @@ def train_loop(
     checkpoint_every: int = 0,
     eval_fn: Callable[[dict], dict] | None = None,
     eval_every: int = 0,
+    val_iterator: BatchIterator | None = None,
     desc: str = "train",
     progress: bool | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run ``steps`` steps of ``state, metrics = step_fn(state, batch, *step_args)``.
 
-    Returns the final state and the list of logged records. With a ``checkpointer`` that
-    holds a checkpoint, training resumes from it. ``eval_fn(state) -> dict`` runs every
+    Returns the final state and the list of logged records. With ``val_iterator`` each step
+    also gets a deployment/validation batch: ``step_fn(state, batch, *step_args, val_batch)``.
+    With a ``checkpointer`` that holds a checkpoint, training resumes from it (iterator
+    positions included). ``eval_fn(state) -> dict`` runs every
     ``eval_every`` steps and at the end; its results are logged with prefix ``eval/``.
     """
     history: list[dict] = []
@@ -56,9 +59,13 @@ def train_loop(
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         iterator.restore(meta["iterator"])
+        if val_iterator is not None:
+            val_iterator.restore(meta["val_iterator"])
         start = int(meta["step"])
     else:
         iterator.restore({"step": 0})
+        if val_iterator is not None:
+            val_iterator.restore({"step": 0})
 
     def log(record):
         history.append(record)
@@ -71,7 +78,10 @@ def train_loop(
                leave=False, dynamic_ncols=True)
     for step in range(start + 1, steps + 1):
         batch = next(iterator)
-        state, metrics = step_fn(state, batch, *step_args)
+        if val_iterator is not None:
+            state, metrics = step_fn(state, batch, *step_args, next(val_iterator))
+        else:
+            state, metrics = step_fn(state, batch, *step_args)
         window.append(metrics)
         bar.update(1)
         if step % log_every == 0 or step == steps:
@@ -87,6 +97,9 @@ def train_loop(
         if checkpointer is not None and (
             (checkpoint_every and step % checkpoint_every == 0) or step == steps
         ):
-            checkpointer.save(step, state, {"step": step, "iterator": iterator.state()})
+            meta = {"step": step, "iterator": iterator.state()}
+            if val_iterator is not None:
+                meta["val_iterator"] = val_iterator.state()
+            checkpointer.save(step, state, meta)
     bar.close()
     return state, history

@@ -149,11 +149,13 @@ def run_preference(
     writer: JsonlWriter | None = None,
     checkpoint_dir: str | None = None,
     eval_fn: Callable | None = None,
+    val_arrays: dict | None = None,
 ):
     """Train one preference method starting from the reference params; returns final params
     and the logged history. With ``train.precompute_reference`` the reference log-probs are
-    computed once (and must already be in ``train_arrays``); otherwise the frozen reference
-    runs inside every step."""
+    computed once (and must already be in ``train_arrays``/``val_arrays``); otherwise the
+    frozen reference runs inside every step. Rules that need a deployment/validation batch
+    draw one per step from ``val_arrays`` (own iterator, ``train.val_batch_size``)."""
     objective = objective_for(method)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
     step_fn = make_preference_step(graphdef, rest, tx, objective)
@@ -169,6 +171,13 @@ def run_preference(
         keep = [k for k in keep if not k.startswith("reference_")]
         step_args = (ref_params,)
     it = BatchIterator({k: train_arrays[k] for k in keep}, cfg.train.batch_size, seed=seed)
+    val_it = None
+    if objective.needs_val:
+        if val_arrays is None:
+            raise ValueError(f"method {method.name!r}: weighting {method.weighting!r} needs validation arrays")
+        n_val = val_arrays["chosen_input_ids"].shape[0]
+        val_it = BatchIterator({k: val_arrays[k] for k in keep if k in val_arrays},
+                               min(cfg.train.val_batch_size, n_val), seed=seed + 7919)
     # Start from a copy of the reference: the step donates its state buffers.
     params0 = jax.tree_util.tree_map(jnp.copy, ref_params)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
@@ -184,6 +193,7 @@ def run_preference(
         checkpoint_every=cfg.train.checkpoint_every,
         eval_fn=eval_fn,
         eval_every=cfg.train.eval_every,
+        val_iterator=val_it,
         desc=method.name,
     )
     if ckpt:

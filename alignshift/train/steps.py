@@ -137,20 +137,34 @@ def make_sft_step(graphdef, rest, tx) -> Callable:
 
 
 def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
-    """``step(state, batch, ref_params=None) -> (state, metrics)``.
+    """``step(state, batch, ref_params=None, val_batch=None) -> (state, metrics)``.
 
     With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
-    otherwise the frozen reference (same graphdef) runs forward inside the step.
+    otherwise the frozen reference (same graphdef) runs forward inside the step. Rules that
+    need a deployment/validation batch (``objective.needs_val``) get ``val_batch``: it goes
+    through the policy (and reference) forward for features only — it carries no gradient
+    and does not enter the loss. ``inputs["step"]`` (the state's step) is passed to the rule,
+    e.g. for a warm-up.
     """
     logits_fn = make_logits_fn(graphdef, rest)
 
-    def loss_fn(params, batch, ref_params):
+    def loss_fn(params, batch, ref_params, val_batch, step):
         inputs = policy_inputs(logits_fn, params, batch, objective, ref_params)
-        return objective(inputs)
+        inputs["step"] = step
+        val_inputs = None
+        if objective.needs_val:
+            if val_batch is None:
+                raise ValueError(f"weighting {objective.weighting!r} needs a validation batch (val_batch)")
+            val_inputs = jax.lax.stop_gradient(
+                policy_inputs(logits_fn, jax.lax.stop_gradient(params), val_batch, objective, ref_params)
+            )
+        return objective(inputs, val_inputs)
 
     @partial(jax.jit, donate_argnums=(0,))
-    def step(state, batch, ref_params=None):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, ref_params)
+    def step(state, batch, ref_params=None, val_batch=None):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, ref_params, val_batch, state["step"]
+        )
         metrics["grad_norm"] = optax.tree.norm(grads)
         return _apply(state, grads, tx), metrics
 
