@@ -25,6 +25,11 @@ def _tiny_configs():
                                               final_logit_softcapping=3.0, query_pre_attn_scalar=8)
 
 
+    yield "gpt_neox", transformers.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25)
+    yield "gpt2", transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
 def _randomise(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -106,12 +111,14 @@ def test_missing_weights_are_named(hf_folder, tmp_path):
     for f in os.listdir(d):
         if f.endswith(".safetensors"):
             sd.update(load_file(str(d / f)))
-    sd.pop("model.layers.1.mlp.up_proj.weight")
+    victim = sorted(k for k in sd if ".layers.1." in k or ".h.1." in k)[0]
+    sd.pop(victim)
     sd["model.extra.weight"] = np.zeros(3, np.float32)
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
-    with pytest.raises(KeyError, match=r"missing=\['model.layers.1.mlp.up_proj.weight'\].*unexpected=\['model.extra.weight'\]"):
+    with pytest.raises(KeyError) as e:
         load_hf_model(str(tmp_path))
+    assert f"'{victim}'" in str(e.value) and "'model.extra.weight'" in str(e.value)
 
 
 def test_no_weights_file(tmp_path):
@@ -149,6 +156,8 @@ def test_trainer_runs_an_hf_model_via_config(hf_folder):
     from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
 
     d, _ = hf_folder
+    if not d.name.startswith(("llama", "gpt_neox")):
+        pytest.skip("one decoder family per layout suffices here (CI time)")
     cfg = load_config(None, [f"model.hf_path={d}", "train.batch_size=4"])
     data = make_scenario("deploy_shift", seed=0, n_train=16, n_test=4, n_sft=8)
     model = build_policy(cfg.model, data.tokenizer, seed=0)

@@ -1,0 +1,414 @@
+"""GPT-2 causal language model in Flax NNX.
+
+The module attribute tree mirrors Hugging Face names, so importing a checkpoint
+is a pure name mapping (see :func:`hf_name` / :func:`params_from_hf_state_dict`)::
+
+    transformer.wte.embedding                   <- transformer.wte.weight
+    transformer.wpe.embedding                   <- transformer.wpe.weight   (learned positions)
+    transformer.h.{i}.{ln_1,ln_2}.{weight,bias}
+    transformer.h.{i}.attn.c_attn.kernel        <- ...c_attn.weight   (NOT transposed)
+    transformer.h.{i}.attn.c_proj.kernel        <- ...c_proj.weight   (NOT transposed)
+    transformer.h.{i}.mlp.{c_fc,c_proj}.kernel  <- ...weight          (NOT transposed)
+    transformer.ln_f.{weight,bias}
+    lm_head.kernel                              <- lm_head.weight.T (only when untied; GPT-2 ties it)
+
+HF GPT-2 uses ``Conv1D`` layers whose weight is stored as ``[in, out]``, which is
+already the nnx ``Linear`` kernel layout, so those weights are copied as is; only
+an (untied) ``lm_head`` is an ``nn.Linear`` and gets transposed. Checkpoints
+without the ``transformer.`` prefix (the original ``openai-community/gpt2`` files)
+are accepted too.
+
+HF details reproduced here: ``c_attn`` output is split into three contiguous
+``[n_embd]`` blocks q | k | v, each viewed as ``[heads, head_dim]``;
+``inputs_embeds`` are token embeddings *before* the position embeddings are
+added; ``activation_function="gelu_new"`` is the tanh GELU approximation;
+``scale_attn_weights`` / ``scale_attn_by_inverse_layer_idx`` are honoured
+(``reorder_and_upcast_attn`` needs no special path: scores are always float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignshift.models.gpt_neox import (
+    LayerNorm,
+    _config_dict,
+    _drop_ignored,
+    _load_params,
+    activation,
+    dot_product_attention,
+)
+from alignshift.models.layers import _freeze, causal_padding_mask, positions_from_mask
+
+__all__ = [
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "GPT2Block",
+    "GPT2Attention",
+    "GPT2MLP",
+    "hf_name",
+    "params_from_hf_state_dict",
+    "params_to_hf_state_dict",
+]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class GPT2Config:
+    """GPT-2 hyper-parameters with Hugging Face field names (``n_embd``, ``n_layer``, ...).
+
+    The generic names used by the other models (``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``, ``max_position_embeddings``,
+    ``intermediate_size``, ``head_dim``) are read-only properties. Hashable; don't
+    mutate after building a model.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    initializer_range: float = 0.02
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
+        activation(self.activation_function)  # fail early
+
+    # generic (HF attribute_map) names
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.n_positions
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def __hash__(self) -> int:
+        return hash(_freeze(dataclasses.asdict(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GPT2Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, config: Any, **overrides: Any) -> "GPT2Config":
+        """Build from a ``transformers.GPT2Config`` or a config.json-style dict.
+
+        Accepts both the GPT-2 spellings (``n_embd``, ``n_layer``, ``n_head``,
+        ``n_positions``) and the generic ones (``hidden_size``, ...).
+        ``overrides`` (e.g. ``remat=True``) are applied last.
+        """
+        d = _config_dict(config, (
+            "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+            "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings",
+            "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range",
+            "add_cross_attention"))
+        if d.get("add_cross_attention"):
+            raise NotImplementedError("GPT-2 with cross-attention is not supported")
+
+        def pick(name, alias, default=None):
+            if d.get(name) is not None:
+                return d[name]
+            if d.get(alias) is not None:
+                return d[alias]
+            if default is None:
+                raise KeyError(f"config has neither {name!r} nor {alias!r}")
+            return default
+
+        kwargs = dict(
+            vocab_size=d["vocab_size"],
+            n_positions=pick("n_positions", "max_position_embeddings", 1024),
+            n_embd=pick("n_embd", "hidden_size"),
+            n_layer=pick("n_layer", "num_hidden_layers"),
+            n_head=pick("n_head", "num_attention_heads"),
+            n_inner=d.get("n_inner"),
+            activation_function=d.get("activation_function", "gelu_new"),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            scale_attn_weights=bool(d.get("scale_attn_weights", True)),
+            scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
+            reorder_and_upcast_attn=bool(d.get("reorder_and_upcast_attn", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            pad_token_id=d.get("pad_token_id"),
+            bos_token_id=d.get("bos_token_id", 50256),  # HF GPT2Config defaults
+            eos_token_id=d.get("eos_token_id", 50256),
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _linear(din: int, dout: int, std: float, rngs: nnx.Rngs, dtype, param_dtype, bias: bool = True):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        self.num_heads = c.n_head
+        self.head_dim = c.head_dim
+        self.dtype = dtype
+        scale = c.head_dim ** -0.5 if c.scale_attn_weights else 1.0
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = float(scale)
+        proj_std = c.initializer_range / (2 * c.n_layer) ** 0.5  # HF init for c_proj
+        self.c_attn = _linear(c.n_embd, 3 * c.n_embd, c.initializer_range, rngs, dtype, param_dtype)
+        self.c_proj = _linear(c.n_embd, c.n_embd, proj_std, rngs, dtype, param_dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T]."""
+        B, T, d = x.shape
+        H, D = self.num_heads, self.head_dim
+        # HF: c_attn(x).split(n_embd, dim=2) -> contiguous q | k | v blocks
+        qkv = self.c_attn(x).reshape(B, T, 3, H, D)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = dot_product_attention(q, k, v, mask, self.scale, self.dtype)
+        return self.c_proj(out)
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        proj_std = c.initializer_range / (2 * c.n_layer) ** 0.5
+        self.c_fc = _linear(c.n_embd, c.intermediate_size, c.initializer_range, rngs, dtype, param_dtype)
+        self.c_proj = _linear(c.intermediate_size, c.n_embd, proj_std, rngs, dtype, param_dtype)
+        self.activation_function = c.activation_function
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.c_proj(activation(self.activation_function)(self.c_fc(x)))
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        nkw = dict(eps=config.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.ln_1 = LayerNorm(config.n_embd, **nkw)
+        self.attn = GPT2Attention(config, layer_idx, **kw)
+        self.ln_2 = LayerNorm(config.n_embd, **nkw)
+        self.mlp = GPT2MLP(config, **kw)
+
+    def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+        h = h + self.attn(self.ln_1(h), mask)
+        return h + self.mlp(self.ln_2(h))
+
+
+def _call_block(block: GPT2Block, h, mask):
+    return block(h, mask)
+
+
+_remat_call_block = nnx.remat(_call_block)
+
+
+class GPT2Model(nnx.Module):
+    """The decoder stack (HF ``GPT2Model``): wte, wpe, h, ln_f."""
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        init = nnx.initializers.normal(config.initializer_range)
+        self.wte = nnx.Embed(config.vocab_size, config.n_embd, dtype=dtype, param_dtype=param_dtype,
+                             embedding_init=init, rngs=rngs)
+        self.wpe = nnx.Embed(config.n_positions, config.n_embd, dtype=dtype, param_dtype=param_dtype,
+                             embedding_init=init, rngs=rngs)
+        self.h = nnx.List([
+            GPT2Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            for i in range(config.n_layer)
+        ])
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype,
+                              param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings only (no positions); out-of-range ids are clipped, never NaN."""
+        emb = self.wte.embedding[...]
+        return jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+        c = self.config
+        # positions beyond n_positions are clipped to the last learned one (HF would index-error)
+        pos_emb = jnp.take(self.wpe.embedding[...], positions, axis=0, mode="clip")
+        h = inputs_embeds.astype(self.dtype) + pos_emb.astype(self.dtype)
+        mask = causal_padding_mask(attention_mask)
+        for block in self.h:
+            if c.remat:
+                h = _remat_call_block(block, h, mask)
+            else:
+                h = block(h, mask)
+        return self.ln_f(h)
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """GPT-2 with an LM head (tied to ``wte`` unless ``tie_word_embeddings=False``).
+
+    ``model(input_ids, attention_mask=...)`` -> float32 logits [B,T,V].
+    """
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.transformer = GPT2Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _linear(config.n_embd, config.vocab_size, config.initializer_range, rngs,
+                                   dtype, param_dtype, bias=False)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B,T,d] (in ``dtype``, *without* position embeddings) for ``inputs_embeds=``."""
+        return self.transformer.embed(input_ids)
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *,
+                      attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None,
+                      inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Final (ln_f) hidden states [B,T,d] in ``dtype``, i.e. the lm_head input."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids / inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        return self.transformer(inputs_embeds, attention_mask, positions)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            logits = self.transformer.wte.attend(h.astype(self.dtype))
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                               inputs_embeds=inputs_embeds)
+        return self.logits_from_hidden(h)
+
+
+# --------------------------------------------------------------------------- HF weight mapping
+
+# non-parameter causal-mask buffers found in older checkpoints
+_IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Map an nnx param path to ``(hf_weight_name, transpose)``.
+
+    Conv1D kernels are stored [in, out] by HF, like nnx: no transpose. Only the
+    ``lm_head`` (an ``nn.Linear``, present when untied) is transposed.
+    ``("transformer", "h", 0, "attn", "c_attn", "kernel")`` ->
+    ``("transformer.h.0.attn.c_attn.weight", False)``.
+    """
+    parts = [str(p) for p in path]
+    *prefix, leaf = parts
+    if leaf == "kernel":
+        return ".".join([*prefix, "weight"]), prefix[0] == "lm_head"
+    if leaf in ("embedding", "weight"):
+        return ".".join([*prefix, "weight"]), False
+    if leaf == "bias":
+        return ".".join([*prefix, "bias"]), False
+    raise ValueError(f"no HF name for parameter path {path!r}")
+
+
+def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            name, transpose = hf_name(path)
+            out[name] = (node, transpose)
+    return out
+
+
+def params_from_hf_state_dict(model: GPT2LMHeadModel, state_dict: Mapping[str, Any], *,
+                              strict: bool = True) -> GPT2LMHeadModel:
+    """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
+
+    Conv1D weights are copied as is ([in, out]); an untied ``lm_head.weight`` is
+    transposed. Keys without the ``transformer.`` prefix (original GPT-2 files) are
+    accepted; ``lm_head.weight`` is ignored for tied models; ``attn.bias`` /
+    ``attn.masked_bias`` buffers are ignored. With ``strict`` a ``KeyError`` lists
+    every missing and unexpected name. Returns ``model``.
+    """
+    params = _named_params(model)
+    given = _drop_ignored(state_dict, _IGNORED_HF_SUFFIXES)
+    if not any(k.startswith("transformer.") for k in given):
+        given = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in given.items()}
+    if model.lm_head is None:
+        given.pop("lm_head.weight", None)
+    _load_params(params, given, model_name="GPT2LMHeadModel", strict=strict)
+    return model
+
+
+def params_to_hf_state_dict(model: GPT2LMHeadModel, *,
+                            include_tied_head: bool = True) -> dict[str, np.ndarray]:
+    """Inverse of :func:`params_from_hf_state_dict`: HF-named numpy arrays.
+
+    With ``include_tied_head`` (default) a tied model also gets ``lm_head.weight``
+    (a copy of ``transformer.wte.weight``), so the result has exactly the keys of
+    transformers' ``GPT2LMHeadModel.state_dict()``.
+    """
+    out = {}
+    for name, (var, transpose) in _named_params(model).items():
+        arr = np.asarray(var[...])
+        out[name] = arr.T if transpose else arr
+    if model.lm_head is None and include_tied_head:
+        out["lm_head.weight"] = out["transformer.wte.weight"].copy()
+    return out

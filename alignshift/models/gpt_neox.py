@@ -1,0 +1,571 @@
+"""GPT-NeoX (Pythia) causal language model in Flax NNX.
+
+The module attribute tree mirrors Hugging Face names, so importing a checkpoint
+is a pure name mapping (see :func:`hf_name` / :func:`params_from_hf_state_dict`)::
+
+    gpt_neox.embed_in.embedding                          <- gpt_neox.embed_in.weight
+    gpt_neox.layers.{i}.{input,post_attention}_layernorm.{weight,bias}
+    gpt_neox.layers.{i}.attention.query_key_value.kernel <- ...weight.T  (.bias <- .bias)
+    gpt_neox.layers.{i}.attention.dense.kernel           <- ...weight.T
+    gpt_neox.layers.{i}.mlp.dense_h_to_4h.kernel         <- ...weight.T
+    gpt_neox.layers.{i}.mlp.dense_4h_to_h.kernel         <- ...weight.T
+    gpt_neox.final_layer_norm.{weight,bias}
+    embed_out.kernel                                     <- embed_out.weight.T (hub checkpoints)
+                                                            or lm_head.weight.T (transformers>=5
+                                                            module name); absent when tied
+
+HF details reproduced here:
+
+* the fused ``query_key_value`` output is viewed as ``[B, T, heads, 3 * head_dim]``
+  and split *per head* into q / k / v (not as three contiguous [hidden] blocks);
+* partial rotary: only the first ``rotary_ndims = int(head_dim * partial_rotary_factor)``
+  dims of each q / k head are rotated (rotate_half layout), the rest pass through;
+  inverse frequencies use ``rotary_ndims`` as the rotary dimension;
+* parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` or sequential
+  ``y = x + attn(ln1(x)); y + mlp(ln2(y))``;
+* LayerNorm with bias, statistics in float32; ``hidden_act="gelu"`` is the exact (erf) GELU.
+
+This file also holds small helpers shared with :mod:`alignshift.models.gpt2`
+(:class:`LayerNorm`, :func:`activation`, :func:`dot_product_attention`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignshift.models.layers import (
+    _freeze,
+    apply_rotary,
+    causal_padding_mask,
+    masked_softmax,
+    positions_from_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+__all__ = [
+    "GPTNeoXConfig",
+    "GPTNeoXForCausalLM",
+    "GPTNeoXModel",
+    "GPTNeoXLayer",
+    "GPTNeoXAttention",
+    "GPTNeoXMLP",
+    "LayerNorm",
+    "activation",
+    "dot_product_attention",
+    "hf_name",
+    "params_from_hf_state_dict",
+    "params_to_hf_state_dict",
+]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with HF parameter names ``weight`` / ``bias``; statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype)) if use_bias else None
+        self.eps = float(eps)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        xc = x32 - mean
+        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+        y = xc * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": _gelu_exact,  # HF GELUActivation: erf-based
+    "gelu_new": _gelu_tanh,  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,  # same function, different spelling of the polynomial
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """JAX version of ``transformers.activations.ACT2FN[name]`` for the supported names."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise NotImplementedError(
+            f"activation {name!r} is not supported (supported: {sorted(_ACTIVATIONS)})") from None
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                          dtype: Any) -> jax.Array:
+    """Multi-head attention. q/k/v [B,T,H,D], boolean mask [B,1,T,S] -> [B,T,H*D] in ``dtype``.
+
+    Scores and softmax in float32; fully masked rows give a uniform (finite) softmax.
+    """
+    B, T, H, D = q.shape
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32) * scale
+    probs = masked_softmax(scores, mask)
+    out = jnp.einsum("bhts,bshd->bthd", probs.astype(dtype), v.astype(dtype))
+    return out.reshape(B, T, H * D)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _load_params(params: Mapping[str, tuple[nnx.Param, bool]], given: Mapping[str, Any], *,
+                 model_name: str, strict: bool) -> None:
+    """Shared body of ``params_from_hf_state_dict``: check names, transpose, check shapes, set."""
+    missing = sorted(set(params) - set(given))
+    unexpected = sorted(set(given) - set(params))
+    if strict and (missing or unexpected):
+        raise KeyError(f"HF state dict does not match {model_name}: missing={missing}, "
+                       f"unexpected={unexpected}")
+    for name, (var, transpose) in params.items():
+        if name not in given:
+            continue
+        arr = _to_numpy(given[name])
+        if transpose:
+            arr = arr.T
+        if tuple(arr.shape) != tuple(var.shape):
+            raise ValueError(f"shape mismatch for {name}: got {arr.shape} (after transpose={transpose}), "
+                             f"expected {tuple(var.shape)}")
+        var.set_value(jnp.asarray(arr, dtype=var.dtype))
+
+
+def _drop_ignored(state_dict: Mapping[str, Any], suffixes: Iterable[str]) -> dict[str, Any]:
+    suffixes = tuple(suffixes)
+    return {k: v for k, v in state_dict.items() if not k.endswith(suffixes)}
+
+
+def _config_dict(config: Any, names: Iterable[str]) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        d = config.to_dict()
+        for name in names:  # to_dict may drop attributes equal to defaults in some versions
+            if name not in d and hasattr(config, name):
+                d[name] = getattr(config, name)
+        return d
+    raise TypeError(f"expected a transformers config or a dict, got {type(config)!r}")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class GPTNeoXConfig:
+    """GPT-NeoX hyper-parameters with Hugging Face field names.
+
+    Rotary settings are flattened: ``rope_theta`` and ``partial_rotary_factor``
+    (``rope_parameters["rope_theta"]`` / ``["partial_rotary_factor"]`` in
+    transformers 5, ``rotary_emb_base`` / ``rotary_pct`` in old config.json files),
+    plus ``rope_scaling`` (``None`` for plain RoPE, else e.g.
+    ``{"rope_type": "linear", "factor": 2.0}``). Defaults match Pythia / HF
+    (``partial_rotary_factor=0.25``, parallel residual, exact GELU, untied head,
+    biases everywhere). Hashable; don't mutate after building a model.
+    """
+
+    vocab_size: int = 50432
+    hidden_size: int = 6144
+    intermediate_size: int = 24576
+    num_hidden_layers: int = 44
+    num_attention_heads: int = 64
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    hidden_act: str = "gelu"
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    initializer_range: float = 0.02
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if not 0.0 <= float(self.partial_rotary_factor) <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in [0, 1], got {self.partial_rotary_factor}")
+        if self.rotary_ndims % 2 != 0:
+            raise ValueError(f"rotary_ndims = int(head_dim * partial_rotary_factor) = {self.rotary_ndims} "
+                             "must be even")
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rtype = rs.pop("type", None)
+            rs.setdefault("rope_type", rtype or "default")
+            rs.pop("rope_theta", None)
+            rs.pop("partial_rotary_factor", None)
+            if rs["rope_type"] == "default":
+                self.rope_scaling = None
+            else:
+                if rs["rope_type"] == "llama3":
+                    rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+                self.rope_scaling = rs
+        activation(self.hidden_act)  # fail early
+        if self.rotary_ndims:
+            rope_inv_freq(self.rotary_ndims, self.rope_theta, self.rope_scaling)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        """Rotated dims per head, ``int(head_dim * partial_rotary_factor)`` as in HF."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def __hash__(self) -> int:
+        return hash(_freeze(dataclasses.asdict(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GPTNeoXConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, config: Any, **overrides: Any) -> "GPTNeoXConfig":
+        """Build from a ``transformers.GPTNeoXConfig`` (v4 or v5) or a config.json-style dict.
+
+        Rotary settings are read from ``rope_parameters`` (transformers 5), then
+        ``rope_scaling``, then the top-level ``rope_theta`` / ``partial_rotary_factor``
+        or the original GPT-NeoX spellings ``rotary_emb_base`` / ``rotary_pct``.
+        ``overrides`` (e.g. ``remat=True``) are applied last.
+        """
+        d = _config_dict(config, (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "layer_norm_eps", "use_parallel_residual", "hidden_act",
+            "rope_parameters", "rope_scaling", "rope_theta", "rotary_emb_base", "rotary_pct",
+            "partial_rotary_factor", "max_position_embeddings", "tie_word_embeddings",
+            "attention_bias", "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range"))
+
+        rope_params = dict(d.get("rope_parameters") or {})
+        old_scaling = dict(d.get("rope_scaling") or {})
+        if any(isinstance(v, Mapping) for v in rope_params.values()):
+            raise NotImplementedError("per-layer-type rope_parameters are not supported for GPT-NeoX")
+        merged = {**old_scaling, **rope_params}
+        theta = merged.pop("rope_theta", None)
+        if theta is None:
+            theta = d.get("rope_theta", d.get("rotary_emb_base", 10000.0))
+        factor = merged.pop("partial_rotary_factor", None)
+        if factor is None:
+            factor = d.get("partial_rotary_factor", d.get("rotary_pct", 0.25))
+        rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+        merged.pop("type", None)
+        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **merged}
+
+        kwargs = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            use_parallel_residual=bool(d.get("use_parallel_residual", True)),
+            hidden_act=d.get("hidden_act", "gelu"),
+            rope_theta=float(theta),
+            partial_rotary_factor=float(factor),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", True)),
+            pad_token_id=d.get("pad_token_id"),
+            bos_token_id=d.get("bos_token_id", 0),  # HF GPTNeoXConfig defaults
+            eos_token_id=d.get("eos_token_id", 2),
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _linear(cfg: GPTNeoXConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+class GPTNeoXAttention(nnx.Module):
+    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.head_dim = c.head_dim
+        self.rotary_ndims = c.rotary_ndims
+        self.dtype = dtype
+        args = (rngs, dtype, param_dtype)
+        self.query_key_value = _linear(c, c.hidden_size, 3 * c.hidden_size, c.attention_bias, *args)
+        self.dense = _linear(c, c.hidden_size, c.hidden_size, c.attention_bias, *args)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,rotary_ndims]."""
+        B, T, _ = x.shape
+        H, D, R = self.num_heads, self.head_dim, self.rotary_ndims
+        # HF: view(B, T, H, 3*D) then chunk the last axis -> q, k, v interleaved per head
+        qkv = self.query_key_value(x).reshape(B, T, H, 3 * D)
+        q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+        if R == D:
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+        elif R > 0:
+            q = jnp.concatenate([apply_rotary(q[..., :R], cos, sin), q[..., R:]], axis=-1)
+            k = jnp.concatenate([apply_rotary(k[..., :R], cos, sin), k[..., R:]], axis=-1)
+        out = dot_product_attention(q, k, v, mask, D ** -0.5, self.dtype)
+        return self.dense(out)
+
+
+class GPTNeoXMLP(nnx.Module):
+    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        c = config
+        args = (rngs, dtype, param_dtype)
+        # HF uses nn.Linear with its default bias=True here, independent of attention_bias
+        self.dense_h_to_4h = _linear(c, c.hidden_size, c.intermediate_size, True, *args)
+        self.dense_4h_to_h = _linear(c, c.intermediate_size, c.hidden_size, True, *args)
+        self.hidden_act = c.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dense_4h_to_h(activation(self.hidden_act)(self.dense_h_to_4h(x)))
+
+
+class GPTNeoXLayer(nnx.Module):
+    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.use_parallel_residual = bool(config.use_parallel_residual)
+        nkw = dict(eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = LayerNorm(config.hidden_size, **nkw)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, **nkw)
+        self.attention = GPTNeoXAttention(config, **kw)
+        self.mlp = GPTNeoXMLP(config, **kw)
+
+    def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        attn = self.attention(self.input_layernorm(h), mask, cos, sin)
+        if self.use_parallel_residual:
+            return h + attn + self.mlp(self.post_attention_layernorm(h))
+        h = h + attn
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _call_layer(layer: GPTNeoXLayer, h, mask, cos, sin):
+    return layer(h, mask, cos, sin)
+
+
+_remat_call_layer = nnx.remat(_call_layer)
+
+
+class GPTNeoXModel(nnx.Module):
+    """The decoder stack (HF ``GPTNeoXModel``): embed_in, layers, final_layer_norm."""
+
+    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.embed_in = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.layers = nnx.List([
+            GPTNeoXLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            for _ in range(config.num_hidden_layers)
+        ])
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
+                                          param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        # mode="clip": out-of-range ids (e.g. a pad id of -1) must not produce NaN rows.
+        emb = self.embed_in.embedding[...]
+        return jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+        c = self.config
+        R = c.rotary_ndims
+        if R:
+            cos, sin = rope_cos_sin(positions, rope_inv_freq(R, c.rope_theta, c.rope_scaling))
+        else:
+            cos = sin = jnp.zeros(positions.shape + (0,), jnp.float32)
+        mask = causal_padding_mask(attention_mask)
+        h = inputs_embeds.astype(self.dtype)
+        for layer in self.layers:
+            if c.remat:
+                h = _remat_call_layer(layer, h, mask, cos, sin)
+            else:
+                h = layer(h, mask, cos, sin)
+        return self.final_layer_norm(h)
+
+
+class GPTNeoXForCausalLM(nnx.Module):
+    """GPT-NeoX with an LM head (``embed_out``). ``model(input_ids, attention_mask=...)`` -> float32 logits."""
+
+    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.gpt_neox = GPTNeoXModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.embed_out = None
+        else:
+            self.embed_out = _linear(config, config.hidden_size, config.vocab_size, False, rngs,
+                                     dtype, param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Input embeddings [B,T,d] (in ``dtype``) for ``inputs_embeds=``."""
+        return self.gpt_neox.embed(input_ids)
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *,
+                      attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None,
+                      inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids / inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        return self.gpt_neox(inputs_embeds, attention_mask, positions)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        if self.embed_out is None:
+            logits = self.gpt_neox.embed_in.attend(h.astype(self.dtype))
+        else:
+            logits = self.embed_out(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                               inputs_embeds=inputs_embeds)
+        return self.logits_from_hidden(h)
+
+
+# --------------------------------------------------------------------------- HF weight mapping
+
+# non-parameter buffers found in some checkpoints (old causal-mask buffers, rotary caches)
+_IGNORED_HF_SUFFIXES = (".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq")
+_HEAD_NAMES = ("embed_out.weight", "lm_head.weight")
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Map an nnx param path to ``(hf_weight_name, transpose)``.
+
+    ``("gpt_neox", "layers", 0, "attention", "query_key_value", "kernel")`` ->
+    ``("gpt_neox.layers.0.attention.query_key_value.weight", True)``. The head maps
+    to ``embed_out.weight`` (the checkpoint name).
+    """
+    *prefix, leaf = (str(p) for p in path)
+    if leaf == "kernel":
+        return ".".join([*prefix, "weight"]), True
+    if leaf in ("embedding", "weight"):
+        return ".".join([*prefix, "weight"]), False
+    if leaf == "bias":
+        return ".".join([*prefix, "bias"]), False
+    raise ValueError(f"no HF name for parameter path {path!r}")
+
+
+def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            name, transpose = hf_name(path)
+            out[name] = (node, transpose)
+    return out
+
+
+def params_from_hf_state_dict(model: GPTNeoXForCausalLM, state_dict: Mapping[str, Any], *,
+                              strict: bool = True) -> GPTNeoXForCausalLM:
+    """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
+
+    Linear weights are transposed (HF [out, in] -> nnx kernel [in, out]); values are
+    cast to each parameter's dtype. The head may be named ``embed_out.weight`` (hub
+    checkpoints) or ``lm_head.weight`` (transformers>=5 ``state_dict()``); both are
+    accepted and ignored for tied models. Buffers (``attention.bias``,
+    ``attention.masked_bias``, ``rotary_emb.inv_freq``) are ignored. With ``strict``
+    a ``KeyError`` lists every missing and unexpected name. Returns ``model``.
+    """
+    params = _named_params(model)
+    given = _drop_ignored(state_dict, _IGNORED_HF_SUFFIXES)
+    heads = [n for n in _HEAD_NAMES if n in given]
+    if model.embed_out is None:
+        for n in heads:
+            given.pop(n)
+    elif len(heads) == 2:
+        a, b = (_to_numpy(given[n]) for n in heads)
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise ValueError("state dict holds both embed_out.weight and lm_head.weight with different values")
+        given.pop("lm_head.weight")
+    elif heads == ["lm_head.weight"]:
+        given["embed_out.weight"] = given.pop("lm_head.weight")
+    _load_params(params, given, model_name="GPTNeoXForCausalLM", strict=strict)
+    return model
+
+
+def params_to_hf_state_dict(model: GPTNeoXForCausalLM, *, head_name: str = "lm_head",
+                            include_tied_head: bool = True) -> dict[str, np.ndarray]:
+    """Inverse of :func:`params_from_hf_state_dict`: HF-named numpy arrays (Linear weights [out, in]).
+
+    ``head_name="lm_head"`` (default) gives the names of the installed transformers'
+    ``GPTNeoXForCausalLM.state_dict()``; ``"embed_out"`` gives the original checkpoint
+    (Pythia hub) layout. Tied models also get the head (a copy of ``embed_in``) when
+    ``include_tied_head`` (default), matching the keys of transformers' ``state_dict()``.
+    """
+    if head_name not in ("lm_head", "embed_out"):
+        raise ValueError(f"head_name must be 'lm_head' or 'embed_out', got {head_name!r}")
+    out = {}
+    for name, (var, transpose) in _named_params(model).items():
+        arr = np.asarray(var[...])
+        out[name] = arr.T if transpose else arr
+    if "embed_out.weight" in out:
+        out[f"{head_name}.weight"] = out.pop("embed_out.weight")
+    elif include_tied_head:
+        out[f"{head_name}.weight"] = out["gpt_neox.embed_in.weight"].copy()
+    return out
