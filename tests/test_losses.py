@@ -371,3 +371,84 @@ def test_wpo_objective_matches_numpy(rng, clip, normalize):
                       d["reference_rejected_logps"], 0.1, "sigmoid", 0.0)).mean()
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
     np.testing.assert_allclose(float(m["weights/max"]), w.max(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- KL-DRO (KLDPO) and DR-DPO
+
+
+def _dpo_np(d, beta=0.1):
+    return np_dpo(d["policy_chosen_logps"], d["policy_rejected_logps"], d["reference_chosen_logps"],
+                  d["reference_rejected_logps"], beta, "sigmoid", 0.0)
+
+
+@pytest.mark.parametrize("tau, clamp, normalize", [(0.05, 10.0, False), (0.5, None, False), (0.3, None, True),
+                                                   (0.1, 3.0, True)])
+def test_kl_dro_matches_numpy(rng, tau, clamp, normalize):
+    inp, d = _inputs(rng)
+    L = _dpo_np(d)
+    if normalize:
+        w = len(L) * np.exp(L / tau - np.max(L / tau)) / np.exp(L / tau - np.max(L / tau)).sum()
+        if clamp is not None:
+            w = np.minimum(w, clamp)
+    else:
+        w = np.exp(np.minimum((L - L.mean()) / tau, np.log(clamp) if clamp else 80.0))
+    obj = make_objective("dpo", "kl_dro", weighting_kwargs=dict(tau=tau, clamp=clamp, normalize=normalize))
+    loss, m = jax.jit(obj)(inp)
+    np.testing.assert_allclose(float(loss), np.mean(w * L), rtol=2e-5)
+    np.testing.assert_allclose(float(m["weights/max"]), w.max(), rtol=2e-5)
+
+
+def test_kl_dro_large_tau_is_the_base_loss(rng):
+    inp, d = _inputs(rng)
+    for normalize in (True, False):
+        loss, _ = make_objective("dpo", "kl_dro", weighting_kwargs=dict(tau=1e7, normalize=normalize))(inp)
+        np.testing.assert_allclose(float(loss), _dpo_np(d).mean(), rtol=1e-5)
+
+
+def test_kl_dro_gradient_is_that_of_log_mean_exp(rng):
+    """Envelope theorem: ∇ mean(w·L) with w = n·softmax(L/τ) detached = ∇ τ·log mean exp(L/τ)."""
+    inp, _ = _inputs(rng)
+    tau = 0.3
+    obj = make_objective("dpo", "kl_dro", weighting_kwargs=dict(tau=tau, clamp=None, normalize=True))
+    base = make_objective("dpo")
+
+    def lme(pc):
+        L = base.terms({**inp, "policy_chosen_logps": pc})[0].losses
+        return tau * (jax.nn.logsumexp(L / tau) - jnp.log(L.shape[0]))
+
+    g_obj = jax.grad(lambda pc: obj({**inp, "policy_chosen_logps": pc})[0])(inp["policy_chosen_logps"])
+    np.testing.assert_allclose(np.asarray(g_obj), np.asarray(jax.grad(lme)(inp["policy_chosen_logps"])),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_dr_dpo_value_grad_and_weights(rng):
+    inp, d = _inputs(rng)
+    bp = 0.7
+    obj = make_objective("dpo", "dr_dpo", weighting_kwargs=dict(beta_prime=bp))
+    loss, m = jax.jit(obj)(inp)
+
+    def np_obj(pc):
+        L = np_dpo(pc, d["policy_rejected_logps"], d["reference_chosen_logps"], d["reference_rejected_logps"],
+                   0.1, "sigmoid", 0.0)
+        return -bp * np.log(np.mean(np.exp(-L / bp)))
+
+    np.testing.assert_allclose(float(loss), np_obj(d["policy_chosen_logps"]), rtol=1e-5)
+    g = jax.grad(lambda pc: obj({**inp, "policy_chosen_logps": pc})[0])(inp["policy_chosen_logps"])
+    np.testing.assert_allclose(np.asarray(g), fd_grad(np_obj, d["policy_chosen_logps"]), rtol=1e-4, atol=1e-7)
+    L = _dpo_np(d)
+    w = len(L) * np.exp(-L / bp) / np.exp(-L / bp).sum()
+    np.testing.assert_allclose(float(m["weights/max"]), w.max(), rtol=1e-5)
+    assert np.argmax(w) == np.argmin(L)  # soft-min: the lowest-loss pair weighs most
+
+
+@pytest.mark.parametrize("rule, kw", [("kl_dro", dict(tau=0.2)), ("kl_dro", dict(tau=0.2, normalize=True)),
+                                      ("dr_dpo", dict(beta_prime=0.5))])
+def test_batch_rules_with_axis_name_equal_global(rng, rule, kw):
+    """Split the batch over a named axis: collectives make the weights equal the global ones."""
+    from alignshift.losses.weighting import WEIGHTING_RULES
+
+    L = jnp.asarray(rng.normal(0.7, 0.3, size=16), jnp.float32)
+    fn = WEIGHTING_RULES[rule].fn
+    w_global = fn(L, **kw)
+    w_split = jax.vmap(lambda x: fn(x, axis_name="dev", **kw), axis_name="dev")(L.reshape(4, 4))
+    np.testing.assert_allclose(np.asarray(w_split).reshape(-1), np.asarray(w_global), rtol=1e-6)

@@ -154,11 +154,17 @@ class Objective:
             raise ValueError(f"weighting {self.weighting!r} needs a validation batch (val_inputs)")
         feats = _features(terms, rule.features)
         val_feats = _features(val_terms, rule.features) if val_terms is not None else None
-        w = rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs)
-        w = normalize_weights(w) if rule.normalize else jax.lax.stop_gradient(w)
-        if "weight" in inputs:  # per-example data weights, combined multiplicatively
-            w = w * jax.lax.stop_gradient(inputs["weight"].astype(jnp.float32))
-        loss = jnp.mean(w * terms.losses)
+        data_w = jax.lax.stop_gradient(inputs["weight"].astype(jnp.float32)) if "weight" in inputs else None
+        if rule.reduce is not None:  # log-mean-exp style: the objective is the reduction itself
+            losses = terms.losses if data_w is None else data_w * terms.losses
+            loss = rule.reduce(losses, **self.weighting_kwargs)
+            w = jax.lax.stop_gradient(rule.fn(losses, val_features=val_feats, aux=inputs, **self.weighting_kwargs))
+        else:
+            w = rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs)
+            w = normalize_weights(w) if rule.normalize else jax.lax.stop_gradient(w)
+            if data_w is not None:  # per-example data weights, combined multiplicatively
+                w = w * data_w
+            loss = jnp.mean(w * terms.losses)
         metrics = {"loss": loss, **pair_metrics(terms, inputs["policy_chosen_logps"], inputs["policy_rejected_logps"])}
         metrics.update(extra)
         metrics.update(weight_stats(w))

@@ -4,8 +4,15 @@ Contract (design.md): ``weights = rule(train_features, *, val_features=None, aux
 returns ``w [B] >= 0`` with ``mean(w) == 1``, computed under ``stop_gradient``. The objective
 is then ``mean_i w_i · ℓ_i`` (see :mod:`alignshift.losses.objective`).
 
-This module starts with the uniform rule (plain ERM); kernel mean matching (IW-DPO), WPO,
-KL-DRO and DoRA weights are added as further entries of :data:`WEIGHTING_RULES`.
+Rules whose weights are not mean-1 by design (WPO's raw probabilities, KLDPO's unnormalised
+tilt as in the authors' code) are registered with ``normalize=False`` and normalise (or not)
+themselves, behind a named flag. Log-mean-exp reductions (DR-DPO; DoRA) register a ``reduce``
+function: the objective is then that scalar (with gradient) and the rule's weights — the
+softmax weights of its gradient — are logged.
+
+Rules that reduce over the batch take ``axis_name``: under ``pmap``/``shard_map`` they gather
+the global batch's losses with collectives, so the weights equal the global computation;
+under ``jit`` with global arrays they need nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +22,17 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["WeightingRule", "WEIGHTING_RULES", "uniform_weights", "wpo_weights", "normalize_weights", "weight_stats"]
+__all__ = [
+    "WeightingRule",
+    "WEIGHTING_RULES",
+    "uniform_weights",
+    "wpo_weights",
+    "kl_dro_weights",
+    "dr_dpo_weights",
+    "dr_dpo_objective",
+    "normalize_weights",
+    "weight_stats",
+]
 
 
 def normalize_weights(w: jax.Array) -> jax.Array:
@@ -62,6 +79,67 @@ def wpo_weights(train_features, *, val_features=None, aux=None, clip: float | No
     return w
 
 
+def _global(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """The global batch's values (all-gathered under a named axis) — for batch reductions."""
+    return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def _local(w_all: jax.Array, n_local: int, axis_name: str | None) -> jax.Array:
+    if axis_name is None:
+        return w_all
+    return jax.lax.dynamic_slice_in_dim(w_all, jax.lax.axis_index(axis_name) * n_local, n_local)
+
+
+def kl_dro_weights(
+    train_features,
+    *,
+    val_features=None,
+    aux=None,
+    tau: float = 0.05,
+    clamp: float | None = 10.0,
+    normalize: bool = False,
+    axis_name: str | None = None,
+):
+    """KLDPO's worst-case (Gibbs-tilt) weights from the detached per-example losses ``L``.
+
+    * ``normalize=False`` (authors' code, ``src/kldpo.py``): ``u_i = min(exp((L_i − L̄)/τ), clamp)``
+      with ``L̄`` the mean over the **global** batch; not normalised, so it also scales the
+      step by ``mean(u) ≥ 1``. The exponent is capped at ``log(clamp)`` before ``exp`` (or at 80
+      without a clamp), so nothing overflows.
+    * ``normalize=True`` (the paper's normalised Gibbs weights): ``w = n·softmax(L/τ)``
+      computed with a max-shift, optionally clamped.
+
+    As ``τ → ∞`` both tend to 1 (plain DPO). Under ``shard_map``/``pmap`` pass ``axis_name``.
+    """
+    del val_features, aux
+    L_local = jax.lax.stop_gradient(train_features)
+    L = _global(L_local, axis_name)
+    if normalize:
+        w = L.shape[0] * jax.nn.softmax(L / tau)
+        if clamp is not None:
+            w = jnp.minimum(w, clamp)
+    else:
+        x = (L - L.mean()) / tau
+        w = jnp.exp(jnp.minimum(x, jnp.log(clamp) if clamp is not None else 80.0))
+    return _local(w, L_local.shape[0], axis_name)
+
+
+def dr_dpo_objective(losses, *, beta_prime: float = 1.0, axis_name: str | None = None):
+    """Dr.DPO (Wu et al. 2024): ``−β'·log mean_i exp(−L_i/β')`` (soft-min: it DOWN-weights
+    high-loss pairs, the opposite of KLDPO). Stable ``logsumexp − log n`` form."""
+    L = _global(losses, axis_name)
+    return -beta_prime * (jax.nn.logsumexp(-L / beta_prime) - jnp.log(L.shape[0]))
+
+
+def dr_dpo_weights(train_features, *, val_features=None, aux=None, beta_prime: float = 1.0,
+                   axis_name: str | None = None):
+    """The effective (gradient) weights of :func:`dr_dpo_objective`: ``n·softmax(−L/β')``."""
+    del val_features, aux
+    L_local = jax.lax.stop_gradient(train_features)
+    L = _global(L_local, axis_name)
+    return _local(L.shape[0] * jax.nn.softmax(-L / beta_prime), L_local.shape[0], axis_name)
+
+
 class WeightingRule(NamedTuple):
     """A registered rule: the function, which per-example features it reads, whether it needs
     a deployment/validation batch, whether it needs WPO's per-sequence term, and whether the
@@ -72,9 +150,15 @@ class WeightingRule(NamedTuple):
     needs_val: bool
     needs_wpo: bool = False
     normalize: bool = True
+    # a log-mean-exp style reduction ``reduce(losses, **hp) -> scalar`` (with gradient); when
+    # set, ``fn`` gives its effective per-example weights, for logging only
+    reduce: Callable[..., jax.Array] | None = None
 
 
 WEIGHTING_RULES: dict[str, WeightingRule] = {
     "uniform": WeightingRule(uniform_weights, features="none", needs_val=False),
     "wpo": WeightingRule(wpo_weights, features="none", needs_val=False, needs_wpo=True, normalize=False),
+    "kl_dro": WeightingRule(kl_dro_weights, features="loss", needs_val=False, normalize=False),
+    "dr_dpo": WeightingRule(dr_dpo_weights, features="loss", needs_val=False, normalize=False,
+                            reduce=dr_dpo_objective),
 }
