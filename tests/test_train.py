@@ -133,3 +133,20 @@ def test_jsonl_writer_and_nan_guard(setup, tmp_path):
     bad["reference_chosen_logps"] = np.full_like(arrays["reference_chosen_logps"], np.nan)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         _run(cfg, graphdef, rest, ref_params, bad, MethodConfig(), steps=1)
+
+
+def test_remat_with_in_step_reference():
+    """Regression: with remat, the frozen reference forward inside the step used to fail
+    (nnx.remat under value_and_grad); it now runs outside the differentiated function."""
+    import optax
+
+    cfg = load_config(None, ["model.remat=true", "model.hidden_size=32", "model.num_attention_heads=2",
+                             "model.num_key_value_heads=1"])
+    data = make_scenario("deploy_shift", seed=0, n_train=16, n_test=4, n_sft=8)
+    g, p, r = split_model(build_policy(cfg.model, data.tokenizer, seed=0))
+    arrays = encode_pairs(data.tokenizer, data.train, max_prompt_len=8, max_completion_len=10)
+    arrays = {k: v for k, v in arrays.items() if k.split("_")[0] in ("chosen", "rejected")}
+    tx = optax.sgd(0.1)
+    step = make_preference_step(g, r, tx, objective_for(MethodConfig()))
+    _, m = step(init_state(_copy(p), tx), BatchIterator(arrays, 4, seed=0).batch_at(0), p)
+    assert float(m["loss"]) == pytest.approx(math.log(2.0), abs=1e-6)

@@ -64,6 +64,7 @@ data); ``gamma``/``solver`` strings, ``iters`` and the array shapes are static u
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import jax
@@ -80,6 +81,7 @@ __all__ = [
 ]
 
 Gamma = Union[float, jax.Array, str]
+_GAMMA_MODES = ("median", "diw_quantile")
 
 
 def _as_2d(x) -> jax.Array:
@@ -126,6 +128,7 @@ def kernel_gamma(train_features, gamma: Gamma = 0.1) -> jax.Array:
     raise ValueError(f"unknown gamma {gamma!r}: use a number, 'median' or 'diw_quantile'")
 
 
+@functools.partial(jax.jit, static_argnames=("iters",))
 def project_box_slab(v, upper_bound, lo_sum, hi_sum, iters: int = 60) -> jax.Array:
     """Euclidean projection of ``v [n]`` onto ``{0 ≤ w ≤ B, lo ≤ Σw ≤ hi}``.
 
@@ -266,21 +269,48 @@ def kmm_weights(
     del aux
     if val_features is None:
         raise ValueError("kmm_weights needs val_features (a deployment/validation batch)")
-    train_features = jax.lax.stop_gradient(jnp.asarray(train_features))
-    val_features = jax.lax.stop_gradient(jnp.asarray(val_features))
-    K, kappa = _kmm_problem(train_features, val_features, gamma)
+    if solver not in ("fista", "closed_form"):
+        raise ValueError(f"unknown solver {solver!r}: use 'fista' or 'closed_form'")
+    if isinstance(gamma, str):
+        if gamma not in _GAMMA_MODES:
+            raise ValueError(f"unknown gamma {gamma!r}: use a number, 'median' or 'diw_quantile'")
+        gamma_mode, gamma_value = gamma, 0.0
+    else:
+        gamma_mode, gamma_value = "value", gamma
+    n = jnp.shape(train_features)[0]
+    if eps is None:
+        eps = (n**0.5 - 1.0) / n**0.5
+    w = _kmm_core(
+        train_features,
+        val_features,
+        gamma_value,
+        ridge,
+        upper_bound,
+        eps,
+        gamma_mode=gamma_mode,
+        iters=iters,
+        solver=solver,
+        power_iters=power_iters,
+        project_iters=project_iters,
+    )
+    return jax.lax.stop_gradient(w)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("gamma_mode", "iters", "solver", "power_iters", "project_iters")
+)
+def _kmm_core(train_features, val_features, gamma_value, ridge, upper_bound, eps, *, gamma_mode, iters,
+              solver, power_iters, project_iters):
+    a = jax.lax.stop_gradient(_as_2d(train_features))
+    c = jax.lax.stop_gradient(_as_2d(val_features))
+    K, kappa = _kmm_problem(a, c, gamma_value if gamma_mode == "value" else gamma_mode)
     n = K.shape[0]
     ridge = jnp.asarray(ridge, jnp.float32)
     B = jnp.asarray(upper_bound, jnp.float32)
     if solver == "closed_form":
         w = jnp.linalg.solve(K + ridge * n * jnp.eye(n, dtype=jnp.float32), kappa)
         w = jnp.clip(w, 0.0, B)
-    elif solver == "fista":
-        if eps is None:
-            eps = (n**0.5 - 1.0) / n**0.5
-        eps = jnp.asarray(eps, jnp.float32)
-        lo, hi = n * (1.0 - eps), n * (1.0 + eps)
-        w = _fista(K, kappa, ridge, B, lo, hi, iters, power_iters, project_iters)
     else:
-        raise ValueError(f"unknown solver {solver!r}: use 'fista' or 'closed_form'")
+        eps = jnp.asarray(eps, jnp.float32)
+        w = _fista(K, kappa, ridge, B, n * (1.0 - eps), n * (1.0 + eps), iters, power_iters, project_iters)
     return jax.lax.stop_gradient(w.astype(jnp.float32))

@@ -2,6 +2,10 @@
 
     objective(batch) = mean_i w_i · ℓ_base,i   (w detached, mean(w) = 1)   [+ penalty]
 
+The penalty (WDPO's gradient-norm term, :mod:`alignshift.losses.penalties`) needs the
+model's input embeddings, so the train step computes it (``alignshift.train.steps``); the
+objective only records which penalty and its ``penalty_kwargs`` (``rho``, ``kind``).
+
 The returned :class:`Objective` is a pure function of a dict of per-sequence log-probs::
 
     inputs = {
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 
 from alignshift.losses.logps import mean_logps
 from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
+from alignshift.losses.penalties import PENALTIES, PENALTY_KINDS
 from alignshift.losses.weighting import WEIGHTING_RULES, normalize_weights, weight_stats
 
 __all__ = ["BASE_LOSSES", "Objective", "make_objective"]
@@ -126,6 +131,8 @@ class Objective:
     weighting: str
     base_kwargs: dict
     weighting_kwargs: dict
+    penalty: str | None = None
+    penalty_kwargs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def needs_reference(self) -> bool:
@@ -184,16 +191,24 @@ def make_objective(
     *,
     base_kwargs: dict | None = None,
     weighting_kwargs: dict | None = None,
+    penalty_kwargs: dict | None = None,
 ) -> Objective:
     """Build ``objective = reduce_weighting(ℓ_base)``; unknown names or hyper-parameters raise."""
     if base not in BASE_LOSSES:
         raise ValueError(f"unknown base loss {base!r}; choose one of {sorted(BASE_LOSSES)}")
     if weighting not in WEIGHTING_RULES:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {sorted(WEIGHTING_RULES)}")
-    if penalty is not None:
-        raise ValueError(f"unknown penalty {penalty!r}; none are registered yet")
+    if penalty is not None and penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; choose one of {sorted(PENALTIES)}")
     base_kwargs = dict(base_kwargs or {})
     weighting_kwargs = dict(weighting_kwargs or {})
+    penalty_kwargs = dict(penalty_kwargs or {})
     _check_kwargs("base loss", base, BASE_LOSSES[base].fn, base_kwargs)
     _check_kwargs("weighting", weighting, WEIGHTING_RULES[weighting].fn, weighting_kwargs)
-    return Objective(base, weighting, base_kwargs, weighting_kwargs)
+    if penalty is not None:
+        _check_kwargs("penalty", penalty, PENALTIES[penalty], penalty_kwargs)
+        if penalty_kwargs.get("kind", "squared_mean") not in PENALTY_KINDS:
+            raise ValueError(f"penalty {penalty!r}: kind must be one of {PENALTY_KINDS}")
+    elif penalty_kwargs:
+        raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
+    return Objective(base, weighting, base_kwargs, weighting_kwargs, penalty, penalty_kwargs)

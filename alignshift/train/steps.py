@@ -62,12 +62,11 @@ def _sequence_groups(objective: Objective) -> tuple[str, ...]:
     return ("chosen", "rejected", "kl") if objective.needs_kl_completions else ("chosen", "rejected")
 
 
-def _concat_logps(logits_fn, params, batch, groups, with_wpo=False):
-    """One forward over the groups concatenated on the batch axis -> {group: outputs}."""
-    cat = lambda field: jnp.concatenate([batch[f"{g}_{field}"] for g in groups], axis=0)
-    outs = batch_sequence_logps(
-        logits_fn, params, cat("input_ids"), cat("attention_mask"), cat("loss_mask"), with_wpo=with_wpo
-    )
+def _concat(batch, groups, field):
+    return jnp.concatenate([batch[f"{g}_{field}"] for g in groups], axis=0)
+
+
+def _split_groups(outs, batch, groups) -> dict:
     sizes = [batch[f"{g}_input_ids"].shape[0] for g in groups]
     offsets = [0]
     for k in sizes:
@@ -75,10 +74,30 @@ def _concat_logps(logits_fn, params, batch, groups, with_wpo=False):
     return {g: tuple(o[a:b] for o in outs) for g, a, b in zip(groups, offsets[:-1], offsets[1:])}
 
 
-def policy_inputs(logits_fn, params, batch, objective: Objective, ref_params=None) -> dict:
-    """The objective's input dict for one batch (policy forward, reference from batch or model)."""
-    groups = _sequence_groups(objective)
-    pol = _concat_logps(logits_fn, params, batch, groups, with_wpo=objective.needs_wpo)
+def _concat_logps(logits_fn, params, batch, groups, with_wpo=False):
+    """One forward over the groups concatenated on the batch axis -> {group: outputs}."""
+    outs = batch_sequence_logps(
+        logits_fn,
+        params,
+        _concat(batch, groups, "input_ids"),
+        _concat(batch, groups, "attention_mask"),
+        _concat(batch, groups, "loss_mask"),
+        with_wpo=with_wpo,
+    )
+    return _split_groups(outs, batch, groups)
+
+
+def _reference(logits_fn, batch, objective, groups, ref_params) -> dict:
+    if ref_params is None:
+        missing = [f"reference_{g}_logps" for g in groups if f"reference_{g}_logps" not in batch]
+        if missing:
+            raise ValueError(f"batch lacks precomputed {missing} and no reference params were given")
+        return {g: jax.lax.stop_gradient(batch[f"reference_{g}_logps"]) for g in groups}
+    r = _concat_logps(logits_fn, ref_params, batch, groups)
+    return {g: jax.lax.stop_gradient(r[g][0]) for g in groups}
+
+
+def _assemble(pol: dict, ref: dict | None, batch, objective: Objective) -> dict:
     inputs = {
         "policy_chosen_logps": pol["chosen"][0],
         "policy_rejected_logps": pol["rejected"][0],
@@ -88,22 +107,47 @@ def policy_inputs(logits_fn, params, batch, objective: Objective, ref_params=Non
     if objective.needs_wpo:
         inputs["policy_chosen_wpo"] = pol["chosen"][2]
         inputs["policy_rejected_wpo"] = pol["rejected"][2]
-    if "kl" in groups:
+    if "kl" in pol:
         inputs["policy_kl_logps"] = pol["kl"][0]
-    if objective.needs_reference:
-        if ref_params is None:
-            missing = [f"reference_{g}_logps" for g in groups if f"reference_{g}_logps" not in batch]
-            if missing:
-                raise ValueError(f"batch lacks precomputed {missing} and no reference params were given")
-            ref = {g: batch[f"reference_{g}_logps"] for g in groups}
-        else:
-            r = _concat_logps(logits_fn, ref_params, batch, groups)
-            ref = {g: r[g][0] for g in groups}
-        for g in groups:
-            inputs[f"reference_{g}_logps"] = jax.lax.stop_gradient(ref[g])
+    for g, v in (ref or {}).items():
+        inputs[f"reference_{g}_logps"] = v
     if "weight" in batch:
         inputs["weight"] = batch["weight"]
     return inputs
+
+
+def policy_inputs(logits_fn, params, batch, objective: Objective, ref_params=None) -> dict:
+    """The objective's input dict for one batch (policy forward, reference from batch or model)."""
+    groups = _sequence_groups(objective)
+    pol = _concat_logps(logits_fn, params, batch, groups, with_wpo=objective.needs_wpo)
+    ref = _reference(logits_fn, batch, objective, groups, ref_params) if objective.needs_reference else None
+    return _assemble(pol, ref, batch, objective)
+
+
+def wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective: Objective, ref_params=None):
+    """Policy inputs plus WDPO's penalty, from ONE policy forward taken through the input
+    embeddings: ``g = ∂(Σ_i L_i)/∂e`` by a VJP, ``P_i`` per pair from ``g``'s rows. Returns
+    ``(inputs, penalty, P [B])``; differentiating ``penalty`` w.r.t. ``params`` goes through
+    ``g`` (reverse-over-reverse), as the authors' ``create_graph=True``."""
+    from alignshift.losses.penalties import PENALTIES
+
+    groups = _sequence_groups(objective)
+    logits_fn = make_logits_fn(graphdef, rest)
+    ids, am, lm = (_concat(batch, groups, f) for f in ("input_ids", "attention_mask", "loss_mask"))
+    ref = _reference(logits_fn, batch, objective, groups, ref_params) if objective.needs_reference else None
+    e = nnx.merge(graphdef, params, rest).embed(ids)
+
+    def per_example(e_):
+        logits = nnx.merge(graphdef, params, rest)(inputs_embeds=e_, attention_mask=am)
+        fn = sequence_logps_wpo if objective.needs_wpo else sequence_logps
+        pol = _split_groups(fn(logits[:, :-1], ids[:, 1:], lm[:, 1:]), batch, groups)
+        inputs = _assemble(pol, ref, batch, objective)
+        return objective.terms(inputs)[0].losses, inputs
+
+    losses, vjp_fn, inputs = jax.vjp(per_example, e, has_aux=True)
+    (g,) = vjp_fn(jnp.ones_like(losses))
+    penalty, p = PENALTIES[objective.penalty](g, losses.shape[0], **objective.penalty_kwargs)
+    return inputs, penalty, p
 
 
 def init_state(params, tx: optax.GradientTransformation) -> dict:
@@ -149,7 +193,10 @@ def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
     logits_fn = make_logits_fn(graphdef, rest)
 
     def loss_fn(params, batch, ref_params, val_batch, step):
-        inputs = policy_inputs(logits_fn, params, batch, objective, ref_params)
+        if objective.penalty is not None:
+            inputs, penalty, pair_pen = wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective, ref_params)
+        else:
+            inputs = policy_inputs(logits_fn, params, batch, objective, ref_params)
         inputs["step"] = step
         val_inputs = None
         if objective.needs_val:
@@ -158,12 +205,28 @@ def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
             val_inputs = jax.lax.stop_gradient(
                 policy_inputs(logits_fn, jax.lax.stop_gradient(params), val_batch, objective, ref_params)
             )
-        return objective(inputs, val_inputs)
+        loss, metrics = objective(inputs, val_inputs)
+        if objective.penalty is not None:
+            metrics.update({"loss/base": loss, "penalty": penalty, "penalty/pair_max": pair_pen.max()})
+            loss = loss + penalty
+            metrics["loss"] = loss
+        return loss, metrics
+
+    groups = _sequence_groups(objective)
+
+    def with_reference(b, ref_params):
+        # The frozen reference runs OUTSIDE value_and_grad: nothing to differentiate, and
+        # nnx.remat inside a foreign trace level would fail.
+        if b is None or ref_params is None or not objective.needs_reference:
+            return b
+        ref = _reference(logits_fn, b, objective, groups, ref_params)
+        return {**b, **{f"reference_{g}_logps": v for g, v in ref.items()}}
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None):
+        batch, val_batch = with_reference(batch, ref_params), with_reference(val_batch, ref_params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], batch, ref_params, val_batch, state["step"]
+            state["params"], batch, None, val_batch, state["step"]
         )
         metrics["grad_norm"] = optax.tree.norm(grads)
         return _apply(state, grads, tx), metrics

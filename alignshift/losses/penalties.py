@@ -1,0 +1,46 @@
+"""Penalty terms added to a reduced objective. Currently WDPO's Wasserstein dual term.
+
+WDPO (Xu et al., NeurIPS 2025) regularises DPO by the norm of each pair's loss gradient with
+respect to its **input token embeddings** (algorithms.md §3.2). With ``e`` the embeddings of
+the chosen rows (first B) and rejected rows (next B), ``g = ∂(Σ_i L_i)/∂e``; since pair ``i``'s
+loss depends only on its own two rows, ``g``'s rows are per-pair gradients (one VJP gives all
+of them). Per pair ``P_i = ‖g_chosen,i‖²_F + ‖g_rejected,i‖²_F`` (prompt positions included;
+padding has zero gradient). Two forms, both named:
+
+* ``kind="squared_mean"`` (authors' code, ``src/wdpo.py``): ``ρ · mean_i P_i``;
+* ``kind="sqrt_mean"`` (the paper's surrogate): ``ρ · sqrt(mean_i P_i)``.
+
+The caller differentiates the total with respect to the parameters *through* ``g``
+(reverse-over-reverse; ``create_graph=True`` in the authors' PyTorch). Pure: takes ``g``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["PENALTIES", "wdpo_pair_penalties", "wdpo_penalty"]
+
+PENALTY_KINDS = ("squared_mean", "sqrt_mean")
+
+
+def wdpo_pair_penalties(embed_grads: jax.Array, n_pairs: int) -> jax.Array:
+    """``P_i`` [n_pairs] from the embedding gradients ``[2·n_pairs (+extra rows), T, d]``."""
+    if embed_grads.ndim != 3 or embed_grads.shape[0] < 2 * n_pairs:
+        raise ValueError(f"embed_grads must be [>= 2*{n_pairs}, T, d]; got {tuple(embed_grads.shape)}")
+    sq = jnp.sum(jnp.square(embed_grads.astype(jnp.float32)), axis=(1, 2))
+    return sq[:n_pairs] + sq[n_pairs : 2 * n_pairs]
+
+
+def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, kind: str = "squared_mean"):
+    """``(penalty scalar, P_i [n_pairs])`` — see the module docstring."""
+    if kind not in PENALTY_KINDS:
+        raise ValueError(f"unknown WDPO penalty kind {kind!r}; choose one of {PENALTY_KINDS}")
+    p = wdpo_pair_penalties(embed_grads, n_pairs)
+    m = p.mean()
+    # sqrt with a safe gradient at 0 (all-zero gradients, e.g. a saturated batch)
+    agg = m if kind == "squared_mean" else jnp.sqrt(jnp.maximum(m, 1e-20))
+    return rho * agg, p
+
+
+PENALTIES = {"wdpo": wdpo_penalty}
