@@ -102,13 +102,23 @@ class TrainConfig:
     val_batch_size: int = 16
 
 
+TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")
+
+
 @dataclasses.dataclass
 class MethodConfig:
+    """One method: base loss x weighting rule (+ penalty), and the data it trains on:
+    ``train`` (D_tr), ``val`` (the small deployment set D_v alone), ``train+val``, or
+    ``oracle`` (a D_tr-sized set drawn from the deployment distribution: an upper reference)."""
+
     name: str = "dpo"
     base: str = "dpo"
     weighting: str = "uniform"
+    penalty: str | None = None
     base_kwargs: dict = dataclasses.field(default_factory=dict)
     weighting_kwargs: dict = dataclasses.field(default_factory=dict)
+    penalty_kwargs: dict = dataclasses.field(default_factory=dict)
+    train_data: str = "train"
 
 
 @dataclasses.dataclass
@@ -295,9 +305,13 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'methods' has duplicate names: {names}")
     for i, m in enumerate(cfg.methods):
         try:
-            make_objective(m.base, m.weighting, base_kwargs=m.base_kwargs, weighting_kwargs=m.weighting_kwargs)
+            make_objective(m.base, m.weighting, m.penalty, base_kwargs=m.base_kwargs,
+                           weighting_kwargs=m.weighting_kwargs, penalty_kwargs=m.penalty_kwargs)
         except ValueError as e:
             raise ConfigError(f"config key 'methods.{i}' ({m.name}): {e}") from None
+        if m.train_data not in TRAIN_DATA_CHOICES:
+            raise ConfigError(f"config key 'methods.{i}.train_data' must be one of {TRAIN_DATA_CHOICES}; "
+                              f"got {m.train_data!r}")
     for key in ("sft.steps", "train.steps", "sft.batch_size", "train.batch_size", "seeds"):
         obj = cfg
         for p in key.split("."):

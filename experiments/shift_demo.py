@@ -2,7 +2,7 @@
 
 For each seed: build the benchmark, SFT the policy on its corpus (that is the reference),
 precompute reference log-probs, train every configured method from the reference, and
-evaluate on the deployment test set. Writes to ``--out``:
+evaluate on the deployment test set (see ``alignshift/train/pipeline.py``). Writes to ``--out``:
 
 * ``summary.json``   — design schema, mean over seeds, plus ``<metric>_sem``
 * ``seed_<s>/summary.json`` — one per seed
@@ -17,159 +17,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-import jax
-import numpy as np
+from alignshift.cli import experiment_parser, parse_experiment_args
+from alignshift.train.pipeline import run_experiment
 
-from alignshift.cli import experiment_parser, parse_experiment_args, prepare_out_dir
-from alignshift.config import ExperimentConfig, to_dict
-from alignshift.data import encode_pairs, encode_prompts, make_scenario
-from alignshift.eval.report import (
-    aggregate_seeds,
-    format_table,
-    plot_training_curves,
-    read_jsonl,
-    write_json_atomic,
-)
-from alignshift.eval.shift_eval import preference_accuracy, sample_and_score, win_rate
-from alignshift.train.metrics import JsonlWriter
-from alignshift.train.runner import (
-    build_policy,
-    objective_for,
-    precompute_reference_logps,
-    run_preference,
-    run_sft,
-)
-from alignshift.train.steps import make_logits_fn, split_model
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(HERE, "configs", "shift_demo.yaml")
-
-COLUMNS = [
-    ("deploy_pref_acc", "deploy pref. acc."),
-    ("deploy_reward", "deploy reward (sampled)"),
-    ("helpfulness", "helpfulness"),
-    ("harm", "harm"),
-    ("win_rate_vs_ref", "win rate vs ref"),
-    ("kl_to_ref", "KL to ref"),
-]
-
-
-def run_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter) -> dict:
-    t0 = time.perf_counter()
-    seed_dir = os.path.join(out_dir, f"seed_{seed}")
-    data = make_scenario(cfg.data.scenario, seed=seed, **cfg.data.scenario_kwargs)
-    tok = data.tokenizer
-    enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
-    train_arrays = encode_pairs(tok, data.train, **enc)
-    test_arrays = encode_pairs(tok, data.test, **enc)
-
-    # 1. SFT -> reference policy
-    model = build_policy(cfg.model, tok, seed=seed)
-    graphdef, _, rest = split_model(model)
-    sft_writer = JsonlWriter(writer.path, static={**writer.static, "seed": seed, "phase": "sft", "method": "sft"})
-    ref_params = run_sft(model, data.sft, tok, cfg, seed=seed, writer=sft_writer,
-                         checkpoint_dir=os.path.join(seed_dir, "checkpoints", "sft"))
-    sft_writer.close()
-    logits_fn = make_logits_fn(graphdef, rest)
-
-    # 2. Reference log-probs, once, for train and test pairs
-    train_arrays.update(precompute_reference_logps(logits_fn, ref_params, train_arrays))
-    test_arrays.update(precompute_reference_logps(logits_fn, ref_params, test_arrays))
-
-    # 3. Reference samples (the win-rate baseline)
-    n_eval = min(cfg.eval.n_prompts, len(data.test))
-    prompts = [ex.prompt for ex in data.test[:n_eval]]
-    prompt_arrays = encode_prompts(tok, prompts, max_prompt_len=cfg.data.max_prompt_len)
-    sample_kw = dict(tokenizer=tok, reward_fn=data.reward_fn, metrics_fn=data.metrics_fn,
-                     max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                     top_p=cfg.eval.top_p, batch_size=cfg.eval.batch_size)
-    eval_key = jax.random.PRNGKey(10_000 + seed)
-    ref_eval = sample_and_score(graphdef, rest, ref_params, ref_params, prompt_arrays, prompts, key=eval_key,
-                                **sample_kw)
-    methods: dict[str, dict] = {
-        "reference (SFT)": {
-            "deploy_pref_acc": float("nan"),
-            "deploy_reward": ref_eval["reward"],
-            "helpfulness": ref_eval["helpfulness"],
-            "harm": ref_eval["harm"],
-            "win_rate_vs_ref": 0.5,
-            "kl_to_ref": 0.0,
-        }
-    }
-
-    # 4. Each preference method from the reference
-    for m in cfg.methods:
-        objective = objective_for(m)
-        acc_fn = lambda state, o=objective: {
-            "deploy_pref_acc": preference_accuracy(logits_fn, state["params"], test_arrays, o)["pref_acc"]
-        }
-        mw = JsonlWriter(writer.path, static={**writer.static, "seed": seed, "phase": "preference", "method": m.name})
-        t1 = time.perf_counter()
-        params, _ = run_preference(graphdef, rest, ref_params, train_arrays, m, cfg, seed=seed, writer=mw,
-                                   checkpoint_dir=os.path.join(seed_dir, "checkpoints", m.name), eval_fn=acc_fn)
-        mw.close()
-        train_s = time.perf_counter() - t1
-        acc = preference_accuracy(logits_fn, params, test_arrays, objective)
-        ev = sample_and_score(graphdef, rest, params, ref_params, prompt_arrays, prompts, key=eval_key, **sample_kw)
-        methods[m.name] = {
-            "deploy_pref_acc": acc["pref_acc"],
-            "deploy_reward": ev["reward"],
-            "helpfulness": ev["helpfulness"],
-            "harm": ev["harm"],
-            "win_rate_vs_ref": win_rate(ev["rewards"], ref_eval["rewards"]),
-            "kl_to_ref": ev["kl_to_ref"],
-            "train_time_s": train_s,
-        }
-        print(f"  seed {seed} {m.name:>8s}: deploy acc {acc['pref_acc']:.3f}  reward {ev['reward']:+.3f}  "
-              f"KL {ev['kl_to_ref']:.2f}  ({train_s:.1f}s)", flush=True)
-
-    summary = {
-        "scenario": cfg.data.scenario,
-        "seed": seed,
-        "methods": methods,
-        "config": to_dict(cfg),
-        "data_info": data.info,
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    write_json_atomic(os.path.join(seed_dir, "summary.json"), summary)
-    return summary
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shift_demo.yaml")
 
 
 def main(argv=None) -> dict:
     parser = experiment_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/shift_demo")
     args, cfg = parse_experiment_args(parser, argv)
-    prepare_out_dir(args.out, cfg, resume=args.resume)
-    t0 = time.perf_counter()
-    print(f"alignshift shift demo: scenario={cfg.data.scenario} seeds={cfg.seeds} "
-          f"methods={[m.name for m in cfg.methods]} devices={jax.devices()}", flush=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    writer = JsonlWriter(metrics_path, static={"scenario": cfg.data.scenario})
-    summaries = [run_seed(cfg, cfg.seed + k, args.out, writer) for k in range(cfg.seeds)]
-    writer.close()
-
-    summary = aggregate_seeds(summaries)
-    summary["scenario"] = cfg.data.scenario
-    summary["wall_time_s"] = time.perf_counter() - t0
-    # the scalar metrics only (train_time_s is bookkeeping, kept in the per-seed files too)
-    write_json_atomic(os.path.join(args.out, "summary.json"), summary)
-
-    table = format_table(summary, COLUMNS)
-    header = (f"## ShiftBench `{cfg.data.scenario}` — deployment test set, "
-              f"{summary['n_seeds']} seed(s), mean ± s.e.\n\n")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(header + table + "\n")
-    plot_training_curves(
-        read_jsonl(metrics_path),
-        os.path.join(args.out, "training_curves.png"),
-        panels=[("loss", "training loss"), ("rewards/margins", "train reward margin"),
-                ("eval/deploy_pref_acc", "deploy pref. accuracy (held out)")],
-    )
-    print("\n" + header + table)
-    print(f"\nwrote {args.out}/summary.json, results.md, metrics.jsonl, training_curves.png "
-          f"in {summary['wall_time_s']:.0f}s", flush=True)
-    return summary
+    return run_experiment(cfg, args.out, resume=args.resume, title="DPO family")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def test_demo_rejects_unknown_config_key(tmp_path):
 def test_demo_rejects_unknown_method(tmp_path):
     proc = _run("--quick", "--out", str(tmp_path), "--methods", "dpo,nope", timeout=120)
     assert proc.returncode == 2 and "unknown method(s) ['nope']" in proc.stderr
+
+
+def test_iw_dpo_experiment_quick(tmp_path):
+    """IW-DPO end to end: validation batches, D_v-only and oracle data, weights leave uniform."""
+    script = os.path.join(ROOT, "experiments", "iw_dpo.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path), "--methods",
+                           "dpo_val,iw_dpo_r,oracle", "methods.5.weighting_kwargs.warmup_examples=160"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert set(s["methods"]) == {"reference (SFT)", "dpo_val", "iw_dpo_r", "oracle"}
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    iw = [r for r in recs if r.get("method") == "iw_dpo_r" and "weights/ess" in r]
+    assert iw[0]["weights/ess"] == 1.0 and min(r["weights/ess"] for r in iw) < 1.0  # warm-up, then KMM

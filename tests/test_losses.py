@@ -452,3 +452,34 @@ def test_batch_rules_with_axis_name_equal_global(rng, rule, kw):
     w_global = fn(L, **kw)
     w_split = jax.vmap(lambda x: fn(x, axis_name="dev", **kw), axis_name="dev")(L.reshape(4, 4))
     np.testing.assert_allclose(np.asarray(w_split).reshape(-1), np.asarray(w_global), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- IW-DPO rules
+
+
+def test_iw_rules_warmup_then_kmm_weights(rng):
+    """Uniform during warm-up; afterwards the normalised KMM weights of the chosen features."""
+    from alignshift.losses.kmm import kmm_weights
+
+    inp, d = _inputs(rng)
+    val, _ = _inputs(np.random.default_rng(1), n=4)
+    L = _dpo_np(d)
+    for rule in ("iw_dpo_l", "iw_dpo_r"):
+        obj = make_objective("dpo", rule, weighting_kwargs={"warmup_examples": 16, "gamma": 1.0})
+        assert obj.needs_val
+        with pytest.raises(ValueError, match="needs a validation batch"):
+            obj({**inp, "step": jnp.int32(5)})
+        loss0, m0 = obj({**inp, "step": jnp.int32(1)}, val)  # 1 step x 8 examples < 16: warm-up
+        np.testing.assert_allclose(float(loss0), L.mean(), rtol=1e-5)
+        assert float(m0["weights/ess"]) == pytest.approx(1.0)
+        loss, m = jax.jit(obj)({**inp, "step": jnp.int32(2)}, val)
+        tr, va = obj.terms(inp)[0], obj.terms(val)[0]
+        if rule == "iw_dpo_l":
+            f_tr, f_va = tr.losses, va.losses
+        else:
+            f_tr = jnp.stack([tr.chosen_rewards, tr.rejected_rewards], -1)
+            f_va = jnp.stack([va.chosen_rewards, va.rejected_rewards], -1)
+        w = np.asarray(kmm_weights(f_tr, f_va, gamma=1.0))
+        w = w / w.mean()
+        np.testing.assert_allclose(float(loss), np.mean(w * L), rtol=1e-4)
+        assert float(m["weights/ess"]) < 1.0  # non-uniform after warm-up

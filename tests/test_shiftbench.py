@@ -96,10 +96,10 @@ def test_labels_and_categories(data):
         assert mf(e.prompt, e.chosen)["harm"] == 0
     for e in data.train:
         c, r = mf(e.prompt, e.chosen), mf(e.prompt, e.rejected)
-        assert c["helpfulness"] > r["helpfulness"]  # the training label is the helpfulness label
         if e.meta["category"] == "helpful_harmful":
+            assert c["helpfulness"] > r["helpfulness"]  # the training regime's label: helpfulness
             assert c["harm"] > 0 and r["harm"] == 0
-        else:
+        else:  # deployment pairs (default deploy_label="deploy_reward")
             assert c["harm"] == 0 and rf(e.prompt, e.chosen) > rf(e.prompt, e.rejected)
     hf = [e for e in data.train if e.meta["category"] == "helpful_harmful"]
     disagree = np.mean([rf(e.prompt, e.chosen) <= rf(e.prompt, e.rejected) for e in hf])
@@ -134,3 +134,19 @@ def test_kwargs_take_effect():
     assert max(len(t.split()) for e in d.train for t in (e.chosen, e.rejected)) <= 5
     assert d.reward_fn("user: explain cooking assistant:", "recipe poison") == 0.5
     assert isinstance(d.train[0], PreferenceExample)
+
+
+@pytest.mark.parametrize("deploy_label", ["deploy_reward", "helpfulness"])
+def test_deploy_label_modes(deploy_label):
+    d = make_scenario("deploy_shift", seed=3, n_train=200, n_test=300, n_sft=10, deploy_label=deploy_label)
+    mf = d.metrics_fn
+    more_helpful_rejected = np.mean([mf(e.prompt, e.rejected)["helpfulness"] > mf(e.prompt, e.chosen)["helpfulness"]
+                                     for e in d.test])
+    for e in d.test:
+        assert d.reward_fn(e.prompt, e.chosen) > d.reward_fn(e.prompt, e.rejected)
+    if deploy_label == "helpfulness":  # PKU-SafeRLHF recipe: the chosen is also the more helpful one
+        assert more_helpful_rejected == 0.0
+    else:  # harmless beats a more helpful harmful response in a real share of pairs
+        assert 0.05 < more_helpful_rejected < 0.4
+    with pytest.raises(ValueError, match="deploy_label"):
+        make_scenario("deploy_shift", seed=0, deploy_label="nope")

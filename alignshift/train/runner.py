@@ -75,7 +75,8 @@ def build_policy(cfg: ModelConfig, tokenizer, *, seed: int, mesh=None) -> nnx.Mo
 
 
 def objective_for(m: MethodConfig) -> Objective:
-    return make_objective(m.base, m.weighting, base_kwargs=m.base_kwargs, weighting_kwargs=m.weighting_kwargs)
+    return make_objective(m.base, m.weighting, m.penalty, base_kwargs=m.base_kwargs,
+                          weighting_kwargs=m.weighting_kwargs, penalty_kwargs=m.penalty_kwargs)
 
 
 def run_sft(
