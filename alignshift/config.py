@@ -119,6 +119,9 @@ class MethodConfig:
     weighting_kwargs: dict = dataclasses.field(default_factory=dict)
     penalty_kwargs: dict = dataclasses.field(default_factory=dict)
     train_data: str = "train"
+    # per-example data weights (multiplied into any rule): "" none, or "true_density_ratio"
+    # (the benchmark's known p_deploy/p_train per example: the ceiling for importance weighting)
+    example_weights: str = ""
 
 
 @dataclasses.dataclass
@@ -309,6 +312,9 @@ def validate(cfg: ExperimentConfig) -> None:
                            weighting_kwargs=m.weighting_kwargs, penalty_kwargs=m.penalty_kwargs)
         except ValueError as e:
             raise ConfigError(f"config key 'methods.{i}' ({m.name}): {e}") from None
+        if m.example_weights not in ("", "true_density_ratio"):
+            raise ConfigError(f"config key 'methods.{i}.example_weights' must be '' or 'true_density_ratio'; "
+                              f"got {m.example_weights!r}")
         if m.train_data not in TRAIN_DATA_CHOICES:
             raise ConfigError(f"config key 'methods.{i}.train_data' must be one of {TRAIN_DATA_CHOICES}; "
                               f"got {m.train_data!r}")

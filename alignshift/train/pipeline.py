@@ -103,6 +103,13 @@ def run_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter
             "deploy_pref_acc": preference_accuracy(logits_fn, state["params"], test_arrays, o)["pref_acc"]
         }
         train_arrays = sets[m.train_data]
+        if m.example_weights == "true_density_ratio":
+            if m.train_data != "train" or "true_density_ratio" not in data.info:
+                raise ValueError(f"method {m.name!r}: true_density_ratio weights need train_data='train' "
+                                 "and a scenario that reports its density ratio")
+            ratio = data.info["true_density_ratio"]
+            weight = np.asarray([ratio[ex.meta["category"]] for ex in data.train], np.float32)
+            train_arrays = {**train_arrays, "weight": weight}
         n_train = train_arrays["chosen_input_ids"].shape[0]
         mcfg = cfg
         if cfg.train.batch_size > n_train:  # e.g. DPO on the small D_v alone
