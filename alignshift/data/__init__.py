@@ -8,6 +8,9 @@ from .loader import BatchIterator
 from .schema import DataError, PreferenceExample, validate_example, validate_examples
 from .shiftbench import SCENARIOS, ShiftBenchData, make_scenario
 from .tokenizer import WordTokenizer
+from .preference_shift import SCENARIO_NAME as _PS_NAME, PreferenceShiftData, make_preference_shift, mix_reward
+
+SCENARIOS[_PS_NAME] = make_preference_shift  # registered here: preference_shift builds on shiftbench
 
 __all__ = [
     "DataError",
@@ -23,4 +26,7 @@ __all__ = [
     "ShiftBenchData",
     "make_scenario",
     "SCENARIOS",
+    "PreferenceShiftData",
+    "make_preference_shift",
+    "mix_reward",
 ]

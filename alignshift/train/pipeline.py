@@ -26,7 +26,8 @@ from alignshift.train.metrics import JsonlWriter
 from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps, run_preference, run_sft
 from alignshift.train.steps import make_logits_fn, split_model
 
-__all__ = ["DEFAULT_COLUMNS", "run_seed", "run_experiment"]
+__all__ = ["DEFAULT_COLUMNS", "SeedContext", "DeployEvaluator", "prepare_seed", "train_method", "run_seed",
+           "run_experiment"]
 
 DEFAULT_COLUMNS = [
     ("deploy_pref_acc", "deploy pref. acc."),
@@ -42,8 +43,37 @@ def _concat_arrays(a: dict, b: dict) -> dict:
     return {k: np.concatenate([a[k], b[k]]) for k in a if k in b}
 
 
-def run_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter) -> dict:
-    t0 = time.perf_counter()
+@dataclasses.dataclass
+class SeedContext:
+    """Everything one seed's methods share: data, the SFT reference, encoded data sets with
+    their reference log-probs, and the sampling settings."""
+
+    cfg: ExperimentConfig
+    seed: int
+    seed_dir: str
+    data: object
+    graphdef: object
+    rest: object
+    ref_params: object
+    logits_fn: object
+    sets: dict
+    writer: JsonlWriter
+
+    def sample_kwargs(self) -> dict:
+        e = self.cfg.eval
+        return dict(tokenizer=self.data.tokenizer, reward_fn=self.data.reward_fn, metrics_fn=self.data.metrics_fn,
+                    max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                    batch_size=e.batch_size)
+
+    @property
+    def eval_key(self):
+        return jax.random.PRNGKey(10_000 + self.seed)
+
+
+def prepare_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter, extra_sets=None) -> SeedContext:
+    """Build the scenario, SFT the reference, encode the data sets every configured method
+    needs (plus ``extra_sets(data) -> {name: examples}``) and precompute their reference
+    log-probs once."""
     seed_dir = os.path.join(out_dir, f"seed_{seed}")
     data = make_scenario(cfg.data.scenario, seed=seed, **cfg.data.scenario_kwargs)
     tok = data.tokenizer
@@ -58,8 +88,9 @@ def run_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter
             raise ValueError(f"train_data='oracle' is only defined for deploy_shift, not {cfg.data.scenario!r}")
         oracle = make_scenario(cfg.data.scenario, seed=seed, **{**cfg.data.scenario_kwargs, "deploy_fraction": 1.0})
         sets["oracle"] = encode_pairs(tok, oracle.train, **enc)
+    for name, examples in (extra_sets(data) if extra_sets else {}).items():
+        sets[name] = encode_pairs(tok, examples, **enc)
 
-    # 1. SFT -> reference policy
     model = build_policy(cfg.model, tok, seed=seed)
     graphdef, _, rest = split_model(model)
     sft_writer = JsonlWriter(writer.path, static={**writer.static, "seed": seed, "phase": "sft", "method": "sft"})
@@ -67,102 +98,122 @@ def run_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter
                          checkpoint_dir=os.path.join(seed_dir, "checkpoints", "sft"))
     sft_writer.close()
     logits_fn = make_logits_fn(graphdef, rest)
-
-    # 2. Reference log-probs, once per data set
     for arrays in sets.values():
         arrays.update(precompute_reference_logps(logits_fn, ref_params, arrays))
     if "train+val" in wanted:
         sets["train+val"] = _concat_arrays(sets["train"], sets["val"])
-    test_arrays = sets["test"]
+    return SeedContext(cfg, seed, seed_dir, data, graphdef, rest, ref_params, logits_fn, sets, writer)
 
-    # 3. Reference samples (the win-rate baseline)
-    n_eval = min(cfg.eval.n_prompts, len(data.test))
-    prompts = [ex.prompt for ex in data.test[:n_eval]]
-    prompt_arrays = encode_prompts(tok, prompts, max_prompt_len=cfg.data.max_prompt_len)
-    sample_kw = dict(tokenizer=tok, reward_fn=data.reward_fn, metrics_fn=data.metrics_fn,
-                     max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                     top_p=cfg.eval.top_p, batch_size=cfg.eval.batch_size)
-    eval_key = jax.random.PRNGKey(10_000 + seed)
-    ref_eval = sample_and_score(graphdef, rest, ref_params, ref_params, prompt_arrays, prompts, key=eval_key,
-                                **sample_kw)
-    methods: dict[str, dict] = {
-        "reference (SFT)": {
-            "deploy_pref_acc": float("nan"),
-            "deploy_reward": ref_eval["reward"],
-            "helpfulness": ref_eval.get("helpfulness", float("nan")),
-            "harm": ref_eval.get("harm", float("nan")),
-            "win_rate_vs_ref": 0.5,
-            "kl_to_ref": 0.0,
-        }
-    }
 
-    # 4. Each preference method from the reference
+def train_method(ctx: SeedContext, m, eval_fn=None):
+    """Train method ``m`` from the reference on its ``train_data``; returns (params, seconds)."""
+    cfg, data = ctx.cfg, ctx.data
+    train_arrays = ctx.sets[m.train_data]
+    if m.example_weights == "true_density_ratio":
+        if m.train_data != "train" or "true_density_ratio" not in data.info:
+            raise ValueError(f"method {m.name!r}: true_density_ratio weights need train_data='train' "
+                             "and a scenario that reports its density ratio")
+        ratio = data.info["true_density_ratio"]
+        weight = np.asarray([ratio[ex.meta["category"]] for ex in data.train], np.float32)
+        train_arrays = {**train_arrays, "weight": weight}
+    n_train = train_arrays["chosen_input_ids"].shape[0]
+    mcfg = cfg
+    if cfg.train.batch_size > n_train:  # e.g. DPO on the small D_v alone
+        mcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n_train))
+    mw = JsonlWriter(ctx.writer.path, static={**ctx.writer.static, "seed": ctx.seed, "phase": "preference",
+                                              "method": m.name})
+    t1 = time.perf_counter()
+    params, _ = run_preference(ctx.graphdef, ctx.rest, ctx.ref_params, train_arrays, m, mcfg, seed=ctx.seed,
+                               writer=mw, checkpoint_dir=os.path.join(ctx.seed_dir, "checkpoints", m.name),
+                               eval_fn=eval_fn, val_arrays=ctx.sets.get("val"))
+    mw.close()
+    return params, time.perf_counter() - t1
+
+
+class DeployEvaluator:
+    """Deployment-test evaluation: implicit-reward accuracy on the test pairs, ground-truth
+    reward / helpfulness / harm of sampled responses, win rate and KL vs the reference."""
+
+    columns = DEFAULT_COLUMNS
+    panels = [("loss", "training loss"), ("rewards/margins", "train reward margin"),
+              ("eval/deploy_pref_acc", "deploy pref. accuracy (held out)")]
+    extra_sets = None
+
+    def setup(self, ctx: SeedContext) -> dict:
+        """Reference-policy metrics (and anything the method evaluations compare against)."""
+        n_eval = min(ctx.cfg.eval.n_prompts, len(ctx.data.test))
+        self.prompts = [ex.prompt for ex in ctx.data.test[:n_eval]]
+        self.prompt_arrays = encode_prompts(ctx.data.tokenizer, self.prompts, max_prompt_len=ctx.cfg.data.max_prompt_len)
+        self.ref_eval = self._sample(ctx, ctx.ref_params)
+        r = self.ref_eval
+        return {"deploy_pref_acc": float("nan"), "deploy_reward": r["reward"],
+                "helpfulness": r.get("helpfulness", float("nan")), "harm": r.get("harm", float("nan")),
+                "win_rate_vs_ref": 0.5, "kl_to_ref": 0.0}
+
+    def _sample(self, ctx, params):
+        return sample_and_score(ctx.graphdef, ctx.rest, params, ctx.ref_params, self.prompt_arrays, self.prompts,
+                                key=ctx.eval_key, **ctx.sample_kwargs())
+
+    def during_training(self, ctx: SeedContext, objective):
+        test = ctx.sets["test"]
+        return lambda state: {"deploy_pref_acc": preference_accuracy(ctx.logits_fn, state["params"], test,
+                                                                     objective)["pref_acc"]}
+
+    def evaluate(self, ctx: SeedContext, objective, params) -> dict:
+        acc = preference_accuracy(ctx.logits_fn, params, ctx.sets["test"], objective)
+        ev = self._sample(ctx, params)
+        return {"deploy_pref_acc": acc["pref_acc"], "deploy_reward": ev["reward"],
+                "helpfulness": ev.get("helpfulness", float("nan")), "harm": ev.get("harm", float("nan")),
+                "win_rate_vs_ref": win_rate(ev["rewards"], self.ref_eval["rewards"]), "kl_to_ref": ev["kl_to_ref"]}
+
+    def line(self, m: dict) -> str:
+        return (f"deploy acc {m['deploy_pref_acc']:.3f}  reward {m['deploy_reward']:+.3f}  "
+                f"harm {m['harm']:.3f}  KL {m['kl_to_ref']:.2f}")
+
+
+def run_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter, evaluator=None) -> dict:
+    evaluator = evaluator or DeployEvaluator()
+    t0 = time.perf_counter()
+    ctx = prepare_seed(cfg, seed, out_dir, writer, extra_sets=evaluator.extra_sets)
+    methods: dict[str, dict] = {"reference (SFT)": evaluator.setup(ctx)}
     for m in cfg.methods:
         objective = objective_for(m)
-        acc_fn = lambda state, o=objective: {
-            "deploy_pref_acc": preference_accuracy(logits_fn, state["params"], test_arrays, o)["pref_acc"]
-        }
-        train_arrays = sets[m.train_data]
-        if m.example_weights == "true_density_ratio":
-            if m.train_data != "train" or "true_density_ratio" not in data.info:
-                raise ValueError(f"method {m.name!r}: true_density_ratio weights need train_data='train' "
-                                 "and a scenario that reports its density ratio")
-            ratio = data.info["true_density_ratio"]
-            weight = np.asarray([ratio[ex.meta["category"]] for ex in data.train], np.float32)
-            train_arrays = {**train_arrays, "weight": weight}
-        n_train = train_arrays["chosen_input_ids"].shape[0]
-        mcfg = cfg
-        if cfg.train.batch_size > n_train:  # e.g. DPO on the small D_v alone
-            mcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n_train))
-        mw = JsonlWriter(writer.path, static={**writer.static, "seed": seed, "phase": "preference", "method": m.name})
-        t1 = time.perf_counter()
-        params, _ = run_preference(graphdef, rest, ref_params, train_arrays, m, mcfg, seed=seed, writer=mw,
-                                   checkpoint_dir=os.path.join(seed_dir, "checkpoints", m.name), eval_fn=acc_fn,
-                                   val_arrays=sets.get("val"))
-        mw.close()
-        train_s = time.perf_counter() - t1
-        acc = preference_accuracy(logits_fn, params, test_arrays, objective)
-        ev = sample_and_score(graphdef, rest, params, ref_params, prompt_arrays, prompts, key=eval_key, **sample_kw)
-        methods[m.name] = {
-            "deploy_pref_acc": acc["pref_acc"],
-            "deploy_reward": ev["reward"],
-            "helpfulness": ev.get("helpfulness", float("nan")),
-            "harm": ev.get("harm", float("nan")),
-            "win_rate_vs_ref": win_rate(ev["rewards"], ref_eval["rewards"]),
-            "kl_to_ref": ev["kl_to_ref"],
-            "train_time_s": train_s,
-        }
-        print(f"  seed {seed} {m.name:>10s}: deploy acc {acc['pref_acc']:.3f}  reward {ev['reward']:+.3f}  "
-              f"harm {ev.get('harm', float('nan')):.3f}  KL {ev['kl_to_ref']:.2f}  ({train_s:.1f}s)", flush=True)
-
+        params, train_s = train_method(ctx, m, eval_fn=evaluator.during_training(ctx, objective))
+        methods[m.name] = {**evaluator.evaluate(ctx, objective, params), "train_time_s": train_s}
+        print(f"  seed {seed} {m.name:>10s}: {evaluator.line(methods[m.name])}  ({train_s:.1f}s)", flush=True)
     summary = {
         "scenario": cfg.data.scenario,
         "seed": seed,
         "methods": methods,
         "config": to_dict(cfg),
-        "data_info": data.info,
+        "data_info": ctx.data.info,
         "wall_time_s": time.perf_counter() - t0,
     }
-    write_json_atomic(os.path.join(seed_dir, "summary.json"), summary)
+    write_json_atomic(os.path.join(ctx.seed_dir, "summary.json"), summary)
     return summary
 
 
 def run_experiment(cfg: ExperimentConfig, out: str, *, resume: bool = False, title: str = "",
-                   columns=DEFAULT_COLUMNS) -> dict:
-    """All seeds, then the aggregate files; returns the aggregated summary."""
+                   evaluator=None, after=None) -> dict:
+    """All seeds, then the aggregate files; returns the aggregated summary. ``after(summary,
+    out)`` may write extra outputs (e.g. curve plots)."""
+    evaluator = evaluator or DeployEvaluator()
     prepare_out_dir(out, cfg, resume=resume)
     t0 = time.perf_counter()
     print(f"alignshift {title or cfg.scenario}: scenario={cfg.data.scenario} seeds={cfg.seeds} "
           f"methods={[m.name for m in cfg.methods]} devices={jax.devices()}", flush=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
     writer = JsonlWriter(metrics_path, static={"scenario": cfg.data.scenario})
-    summaries = [run_seed(cfg, cfg.seed + k, out, writer) for k in range(cfg.seeds)]
+    summaries = [run_seed(cfg, cfg.seed + k, out, writer, evaluator) for k in range(cfg.seeds)]
     writer.close()
 
     summary = aggregate_seeds(summaries)
     summary["wall_time_s"] = time.perf_counter() - t0
     write_json_atomic(os.path.join(out, "summary.json"), summary)
-    table = format_table(summary, columns)
+    if after is not None:
+        after(summary, out)
+        write_json_atomic(os.path.join(out, "summary.json"), summary)
+    table = format_table(summary, evaluator.columns)
     header = (f"## ShiftBench `{cfg.data.scenario}` — {title or cfg.scenario} — deployment test set, "
               f"{summary['n_seeds']} seed(s), mean ± s.e.\n\n")
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -170,8 +221,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, resume: bool = False, tit
     plot_training_curves(
         read_jsonl(metrics_path),
         os.path.join(out, "training_curves.png"),
-        panels=[("loss", "training loss"), ("rewards/margins", "train reward margin"),
-                ("eval/deploy_pref_acc", "deploy pref. accuracy (held out)")],
+        panels=evaluator.panels,
     )
     print("\n" + header + table)
     print(f"\nwrote {out}/summary.json, results.md, metrics.jsonl, training_curves.png "
