@@ -22,7 +22,7 @@ from alignshift.losses import Objective
 from alignshift.models.sampling import generate
 from alignshift.train.steps import batch_sequence_logps, policy_inputs
 
-__all__ = ["preference_accuracy", "sample_and_score", "win_rate"]
+__all__ = ["implicit_rewards", "preference_accuracy", "sample_and_score", "win_rate"]
 
 
 def _batches(n: int, batch_size: int):
@@ -30,8 +30,8 @@ def _batches(n: int, batch_size: int):
         yield slice(a, min(a + batch_size, n))
 
 
-def preference_accuracy(logits_fn, params, arrays: dict, objective: Objective, *, batch_size: int = 256) -> dict:
-    """Implicit-reward pairwise accuracy (ties count as wrong) and mean reward margin."""
+def implicit_rewards(logits_fn, params, arrays: dict, objective: Objective, *, batch_size: int = 256):
+    """The method's implicit rewards of every pair's chosen and rejected response, ``(c, r)``."""
 
     @jax.jit
     def terms(p, batch):
@@ -47,7 +47,12 @@ def preference_accuracy(logits_fn, params, arrays: dict, objective: Objective, *
         cc, rr = terms(params, batch)
         c.append(np.asarray(cc)[: sl.stop - sl.start])
         r.append(np.asarray(rr)[: sl.stop - sl.start])
-    c, r = np.concatenate(c), np.concatenate(r)
+    return np.concatenate(c), np.concatenate(r)
+
+
+def preference_accuracy(logits_fn, params, arrays: dict, objective: Objective, *, batch_size: int = 256) -> dict:
+    """Implicit-reward pairwise accuracy (ties count as wrong) and mean reward margin."""
+    c, r = implicit_rewards(logits_fn, params, arrays, objective, batch_size=batch_size)
     return {"pref_acc": float(np.mean(c > r)), "reward_margin": float(np.mean(c - r))}
 
 
@@ -107,6 +112,7 @@ def sample_and_score(
     out = {k: float(np.mean([p[k] for p in per])) for k in per[0] if isinstance(per[0][k], (int, float, bool, np.number))}
     out["kl_to_ref"] = float(np.mean(np.concatenate(kls)))
     out["reward"] = float(np.mean(rewards))
+    out["per_sample"] = per
     out["rewards"] = np.asarray(rewards)
     out["responses"] = responses
     return out
