@@ -79,3 +79,24 @@ def test_iw_dpo_experiment_quick(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     iw = [r for r in recs if r.get("method") == "iw_dpo_r" and "weights/ess" in r]
     assert iw[0]["weights/ess"] == 1.0 and min(r["weights/ess"] for r in iw) < 1.0  # warm-up, then KMM
+
+
+def test_robust_dpo_experiment_quick(tmp_path):
+    """preference_shift end to end: alpha curves in summary.json and the curve plot."""
+    script = os.path.join(ROOT, "experiments", "robust_dpo.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path), "--methods",
+                           "dpo,kldpo_t0.05,wdpo_r0.1", "train.steps=10", "eval.n_prompts=32"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["scenario"] == "preference_shift"
+    curves = s["curves"]
+    assert curves["kinds"] == ["convex", "geometric"] and curves["alphas"][0] == 0.0 and curves["alphas"][-1] == 1.0
+    for name in ("dpo", "kldpo_t0.05", "wdpo_r0.1"):
+        acc = curves["methods"][name]["acc/convex"]
+        assert len(acc) == len(curves["alphas"]) and all(0.0 <= a <= 1.0 for a in acc)
+    assert all(v != v for v in curves["methods"]["reference (SFT)"]["acc/convex"])  # NaN: no implicit reward
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("penalty" in r for r in recs if r.get("method") == "wdpo_r0.1")
+    assert (tmp_path / "alpha_curves.png").read_bytes()[:4] == b"\x89PNG"

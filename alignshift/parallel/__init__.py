@@ -11,10 +11,19 @@ Typical use (single- or multi-host; see :func:`maybe_initialize_distributed`)::
     step = make_sharded_step(make_preference_step(graphdef, rest, tx, obj), state, batch, mesh, ref)
     state, metrics = step(state, batch, ref)       # numpy batches are split over data*fsdp
 
+Data-parallel ``jax.pmap`` alternative (state replicated, batch split, gradients pmean'd;
+batch reductions such as KLDPO's mean, KTO's z0, DR-DPO and KMM use collectives so the
+result equals the global-batch step)::
+
+    from alignshift.parallel import make_pmap_preference_step, replicate, shard_for_pmap
+    step = make_pmap_preference_step(graphdef, rest, tx, objective)
+    state, metrics = step(replicate(init_state(params, tx)), shard_for_pmap(batch))
+
 Checkpoints saved from one mesh restore onto another with
 ``Checkpointer.restore(abstract_state(state, new_mesh))``.
 """
 
+from alignshift.parallel.pmap import make_pmap_preference_step, pmap_objective, replicate, shard_for_pmap, unreplicate
 from alignshift.parallel.distributed import maybe_initialize_distributed, multi_process_env
 from alignshift.parallel.mesh import (
     BATCH_AXES,
@@ -44,6 +53,11 @@ from alignshift.parallel.rules import (
 )
 
 __all__ = [
+    "make_pmap_preference_step",
+    "pmap_objective",
+    "replicate",
+    "shard_for_pmap",
+    "unreplicate",
     "BATCH_AXES",
     "LOGICAL_TO_MESH",
     "MESH_AXES",

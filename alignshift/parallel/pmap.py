@@ -49,6 +49,9 @@ global ESS (it equals it when the weights are uniform); under the gather path (`
 ``wpo``) it is the global one.
 
 Shards must be equal (:func:`shard_for_pmap` raises otherwise); pad or drop rows first.
+:func:`replicate` builds arrays over this process's devices (single-process use); pass it the
+step's ``devices``/``axis_name`` if they are not the defaults, so the state it builds has the
+sharding the step returns (otherwise the second call compiles the step again).
 """
 
 from __future__ import annotations
@@ -94,12 +97,19 @@ def _devices(devices: Sequence[jax.Device] | None) -> list:
     return list(devices) if devices is not None else jax.local_devices()
 
 
-def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+def _device_sharding(devs: list, axis_name: str) -> jax.sharding.NamedSharding:
+    """The sharding ``jax.pmap`` gives its ``[n_dev, ...]`` outputs."""
+    mesh = jax.sharding.Mesh(np.array(devs), (axis_name,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None, *, axis_name: str = "batch") -> Any:
     """Every leaf ``x`` -> ``[n_dev, *x.shape]``, one copy on each device (pmap's layout for
-    broadcast state). ``None`` stays ``None``."""
+    broadcast state). ``None`` stays ``None``. The arrays carry exactly the sharding the pmap
+    step (same ``axis_name`` and devices) gives its outputs, so feeding the step its own
+    output does not compile it a second time."""
     devs = _devices(devices)
-    mesh = jax.sharding.Mesh(np.array(devs), ("_replica",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("_replica"))
+    sharding = _device_sharding(devs, axis_name)
 
     def rep(x):
         x = jnp.asarray(x)
@@ -302,6 +312,7 @@ def make_pmap_preference_step(
         return pstep(state, batch, ref_params, val_batch)
 
     step.pmapped = pstep
+    step.n_devices = n_dev
     step.objective = obj
     step.gathers_inputs = gather
     return step
