@@ -214,7 +214,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, resume: bool = False, tit
         after(summary, out)
         write_json_atomic(os.path.join(out, "summary.json"), summary)
     table = format_table(summary, evaluator.columns)
-    header = (f"## ShiftBench `{cfg.data.scenario}` — {title or cfg.scenario} — deployment test set, "
+    header = (f"## ShiftBench `{cfg.data.scenario}` — {title or cfg.scenario} — test set, "
               f"{summary['n_seeds']} seed(s), mean ± s.e.\n\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(header + table + "\n")
