@@ -50,13 +50,14 @@ import numpy as np
 from flax import nnx
 
 from alignshift.models.layers import (
-    _freeze,
+    apply_layer,
     apply_rotary,
     causal_padding_mask,
+    CausalLM,
     masked_softmax,
-    positions_from_mask,
     rope_cos_sin,
     rope_inv_freq,
+    _freeze,
 )
 from alignshift.models.llama import hf_name
 
@@ -377,12 +378,6 @@ class GemmaDecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def _call_layer(layer: GemmaDecoderLayer, h, mask, cos, sin):
-    return layer(h, mask, cos, sin)
-
-
-_remat_call_layer = nnx.remat(_call_layer)
-
 
 class GemmaModel(nnx.Module):
     """The decoder stack (HF ``GemmaModel`` / ``Gemma2Model``): embed_tokens, layers, norm."""
@@ -417,14 +412,11 @@ class GemmaModel(nnx.Module):
             masks[SLIDING] = sliding_window_mask(attention_mask, c.sliding_window)
         h = inputs_embeds.astype(self.dtype)
         for layer, kind in zip(self.layers, c.layer_types):
-            if c.remat:
-                h = _remat_call_layer(layer, h, masks[kind], cos, sin)
-            else:
-                h = layer(h, masks[kind], cos, sin)
+            h = apply_layer(layer, h, masks[kind], cos, sin, remat=c.remat)
         return self.norm(h)
 
 
-class GemmaForCausalLM(nnx.Module):
+class GemmaForCausalLM(CausalLM, nnx.Module):
     """Gemma / Gemma 2 with tied LM head. ``model(input_ids, attention_mask=...)`` -> float32 logits [B,T,V]."""
 
     def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -434,38 +426,14 @@ class GemmaForCausalLM(nnx.Module):
         self.model = GemmaModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = None  # always tied to model.embed_tokens
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Input embeddings [B,T,d] (in ``dtype``, already scaled by sqrt(hidden_size)) for ``inputs_embeds=``."""
-        return self.model.embed(input_ids)
-
-    def hidden_states(self, input_ids: jax.Array | None = None, *,
-                      attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None,
-                      inputs_embeds: jax.Array | None = None) -> jax.Array:
-        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids / inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        B, T = inputs_embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.int32)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
-        return self.model(inputs_embeds, attention_mask, positions)
+    @property
+    def _backbone(self):
+        return self.model
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Tied LM head (+ final logit soft-cap, applied in float32) -> float32 logits."""
         logits = self.model.embed_tokens.attend(h.astype(self.dtype)).astype(jnp.float32)
         return _softcap(logits, self.config.final_logit_softcapping)
-
-    def __call__(self, input_ids: jax.Array | None = None, *,
-                 attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
-                               inputs_embeds=inputs_embeds)
-        return self.logits_from_hidden(h)
 
 
 # --------------------------------------------------------------------------- HF weight mapping

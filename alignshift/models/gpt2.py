@@ -45,7 +45,12 @@ from alignshift.models.gpt_neox import (
     activation,
     dot_product_attention,
 )
-from alignshift.models.layers import _freeze, causal_padding_mask, positions_from_mask
+from alignshift.models.layers import (
+    apply_layer,
+    causal_padding_mask,
+    CausalLM,
+    _freeze,
+)
 
 __all__ = [
     "GPT2Config",
@@ -244,12 +249,6 @@ class GPT2Block(nnx.Module):
         return h + self.mlp(self.ln_2(h))
 
 
-def _call_block(block: GPT2Block, h, mask):
-    return block(h, mask)
-
-
-_remat_call_block = nnx.remat(_call_block)
-
 
 class GPT2Model(nnx.Module):
     """The decoder stack (HF ``GPT2Model``): wte, wpe, h, ln_f."""
@@ -283,14 +282,11 @@ class GPT2Model(nnx.Module):
         h = inputs_embeds.astype(self.dtype) + pos_emb.astype(self.dtype)
         mask = causal_padding_mask(attention_mask)
         for block in self.h:
-            if c.remat:
-                h = _remat_call_block(block, h, mask)
-            else:
-                h = block(h, mask)
+            h = apply_layer(block, h, mask, remat=c.remat)
         return self.ln_f(h)
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(CausalLM, nnx.Module):
     """GPT-2 with an LM head (tied to ``wte`` unless ``tie_word_embeddings=False``).
 
     ``model(input_ids, attention_mask=...)`` -> float32 logits [B,T,V].
@@ -307,25 +303,9 @@ class GPT2LMHeadModel(nnx.Module):
             self.lm_head = _linear(config.n_embd, config.vocab_size, config.initializer_range, rngs,
                                    dtype, param_dtype, bias=False)
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings [B,T,d] (in ``dtype``, *without* position embeddings) for ``inputs_embeds=``."""
-        return self.transformer.embed(input_ids)
-
-    def hidden_states(self, input_ids: jax.Array | None = None, *,
-                      attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None,
-                      inputs_embeds: jax.Array | None = None) -> jax.Array:
-        """Final (ln_f) hidden states [B,T,d] in ``dtype``, i.e. the lm_head input."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids / inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        B, T = inputs_embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.int32)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
-        return self.transformer(inputs_embeds, attention_mask, positions)
+    @property
+    def _backbone(self):
+        return self.transformer
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -333,14 +313,6 @@ class GPT2LMHeadModel(nnx.Module):
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
-
-    def __call__(self, input_ids: jax.Array | None = None, *,
-                 attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
-                               inputs_embeds=inputs_embeds)
-        return self.logits_from_hidden(h)
 
 
 # --------------------------------------------------------------------------- HF weight mapping

@@ -41,13 +41,14 @@ import numpy as np
 from flax import nnx
 
 from alignshift.models.layers import (
-    _freeze,
+    apply_layer,
     apply_rotary,
     causal_padding_mask,
+    CausalLM,
     masked_softmax,
-    positions_from_mask,
     rope_cos_sin,
     rope_inv_freq,
+    _freeze,
 )
 
 __all__ = [
@@ -391,12 +392,6 @@ class GPTNeoXLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def _call_layer(layer: GPTNeoXLayer, h, mask, cos, sin):
-    return layer(h, mask, cos, sin)
-
-
-_remat_call_layer = nnx.remat(_call_layer)
-
 
 class GPTNeoXModel(nnx.Module):
     """The decoder stack (HF ``GPTNeoXModel``): embed_in, layers, final_layer_norm."""
@@ -431,14 +426,11 @@ class GPTNeoXModel(nnx.Module):
         mask = causal_padding_mask(attention_mask)
         h = inputs_embeds.astype(self.dtype)
         for layer in self.layers:
-            if c.remat:
-                h = _remat_call_layer(layer, h, mask, cos, sin)
-            else:
-                h = layer(h, mask, cos, sin)
+            h = apply_layer(layer, h, mask, cos, sin, remat=c.remat)
         return self.final_layer_norm(h)
 
 
-class GPTNeoXForCausalLM(nnx.Module):
+class GPTNeoXForCausalLM(CausalLM, nnx.Module):
     """GPT-NeoX with an LM head (``embed_out``). ``model(input_ids, attention_mask=...)`` -> float32 logits."""
 
     def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -452,25 +444,9 @@ class GPTNeoXForCausalLM(nnx.Module):
             self.embed_out = _linear(config, config.hidden_size, config.vocab_size, False, rngs,
                                      dtype, param_dtype)
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Input embeddings [B,T,d] (in ``dtype``) for ``inputs_embeds=``."""
-        return self.gpt_neox.embed(input_ids)
-
-    def hidden_states(self, input_ids: jax.Array | None = None, *,
-                      attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None,
-                      inputs_embeds: jax.Array | None = None) -> jax.Array:
-        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids / inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        B, T = inputs_embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.int32)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
-        return self.gpt_neox(inputs_embeds, attention_mask, positions)
+    @property
+    def _backbone(self):
+        return self.gpt_neox
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         if self.embed_out is None:
@@ -478,14 +454,6 @@ class GPTNeoXForCausalLM(nnx.Module):
         else:
             logits = self.embed_out(h)
         return logits.astype(jnp.float32)
-
-    def __call__(self, input_ids: jax.Array | None = None, *,
-                 attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
-                               inputs_embeds=inputs_embeds)
-        return self.logits_from_hidden(h)
 
 
 # --------------------------------------------------------------------------- HF weight mapping

@@ -140,3 +140,56 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """float32 softmax over the last axis with boolean ``mask``; fully masked rows stay finite."""
     scores = jnp.where(mask, scores.astype(jnp.float32), MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1)
+
+
+def _call_layer(layer, h, *args):
+    return layer(h, *args)
+
+
+_remat_call_layer = nnx.remat(_call_layer)  # a module-level function: nnx.remat rejects bound methods
+
+
+def apply_layer(layer, h: jax.Array, *args, remat: bool = False) -> jax.Array:
+    """``layer(h, *args)``, under ``nnx.remat`` (activation recomputation) when ``remat``."""
+    return _remat_call_layer(layer, h, *args) if remat else layer(h, *args)
+
+
+class CausalLM:
+    """Entry points shared by our causal LMs (mixed into each ``nnx.Module`` LM class).
+
+    A subclass provides ``_backbone`` (its HF-named decoder stack, e.g. ``self.model``, with
+    ``embed(ids)`` and ``__call__(inputs_embeds, attention_mask, positions)``) and
+    ``logits_from_hidden(h)``. ``model(input_ids, attention_mask=...)`` -> float32 logits.
+    """
+
+    @property
+    def _backbone(self):  # pragma: no cover - every model overrides it
+        raise NotImplementedError
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Input embeddings [B,T,d] (in ``dtype``) for ``inputs_embeds=`` (see the backbone's ``embed``)."""
+        return self._backbone.embed(input_ids)
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *,
+                      attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None,
+                      inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids / inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        return self._backbone(inputs_embeds, attention_mask, positions)
+
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                               inputs_embeds=inputs_embeds)
+        return self.logits_from_hidden(h)
