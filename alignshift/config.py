@@ -77,6 +77,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     b1: float = 0.9
     b2: float = 0.999
+    eps: float = 1e-8  # Adam's epsilon
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ CASES = {
     "kto": ("kto", "uniform", None, {"desirable_weight": 4 / 3}, {}, {}),
     # beyond the brief's four: a log-mean-exp reduction with WDPO's (non-additive) sqrt_mean
     # penalty in one case, and a rule without axis_name (KMM over the global batch)
-    "dr_dpo+wdpo_sqrt_mean": ("dpo", "dr_dpo", "wdpo", {}, {"beta_prime": 0.01}, {"rho": 1.0, "kind": "sqrt_mean"}),
+    "dr_dpo+wdpo_sqrt_mean": ("dpo", "dr_dpo", "wdpo", {}, {"beta_prime": 0.01}, {"rho": 1.0, "penalty": "sqrt_mean"}),
     "iw_dpo_l": ("dpo", "iw_dpo_l", None, {}, {"warmup_examples": N_PAIRS, "gamma": "median"}, {}),
 }
 

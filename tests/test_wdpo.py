@@ -91,7 +91,7 @@ def test_penalty_parameter_gradient(tiny, kind):
     """Double backprop: ∇_θ penalty (reverse-over-reverse, through g) equals the forward-mode
     directional derivative (jvp-of-vjp, an independent path) and a finite difference."""
     g, params, rest, batch = tiny
-    obj = make_objective("dpo", penalty="wdpo", penalty_kwargs={"rho": 1.0, "kind": kind})
+    obj = make_objective("dpo", penalty="wdpo", penalty_kwargs={"rho": 1.0, "penalty": kind})
     pen = lambda p: wdpo_inputs_and_penalty(g, rest, p, batch, obj)[1]
     leaves = jax.tree_util.tree_leaves
     d = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
@@ -146,7 +146,7 @@ def test_pair_penalties_independent_of_other_pairs(tiny):
 def test_bad_penalty_config():
     with pytest.raises(ValueError, match="unknown penalty"):
         make_objective("dpo", penalty="w")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        make_objective("dpo", penalty="wdpo", penalty_kwargs={"kind": "sqrt"})
+    with pytest.raises(ValueError, match="penalty= must be one of"):
+        make_objective("dpo", penalty="wdpo", penalty_kwargs={"penalty": "sqrt"})
     with pytest.raises(ValueError, match="without a penalty"):
         make_objective("dpo", penalty_kwargs={"rho": 1.0})

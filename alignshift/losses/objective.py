@@ -4,7 +4,7 @@
 
 The penalty (WDPO's gradient-norm term, :mod:`alignshift.losses.penalties`) needs the
 model's input embeddings, so the train step computes it (``alignshift.train.steps``); the
-objective only records which penalty and its ``penalty_kwargs`` (``rho``, ``kind``).
+objective only records which penalty and its ``penalty_kwargs`` (``rho``, ``penalty="squared_mean"|"sqrt_mean"``).
 
 The returned :class:`Objective` is a pure function of a dict of per-sequence log-probs::
 
@@ -207,8 +207,8 @@ def make_objective(
     _check_kwargs("weighting", weighting, WEIGHTING_RULES[weighting].fn, weighting_kwargs)
     if penalty is not None:
         _check_kwargs("penalty", penalty, PENALTIES[penalty], penalty_kwargs)
-        if penalty_kwargs.get("kind", "squared_mean") not in PENALTY_KINDS:
-            raise ValueError(f"penalty {penalty!r}: kind must be one of {PENALTY_KINDS}")
+        if penalty_kwargs.get("penalty", "squared_mean") not in PENALTY_KINDS:
+            raise ValueError(f"penalty {penalty!r}: penalty_kwargs penalty= must be one of {PENALTY_KINDS}")
     elif penalty_kwargs:
         raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
     return Objective(base, weighting, base_kwargs, weighting_kwargs, penalty, penalty_kwargs)

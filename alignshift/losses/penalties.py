@@ -7,8 +7,8 @@ loss depends only on its own two rows, ``g``'s rows are per-pair gradients (one 
 of them). Per pair ``P_i = ‖g_chosen,i‖²_F + ‖g_rejected,i‖²_F`` (prompt positions included;
 padding has zero gradient). Two forms, both named:
 
-* ``kind="squared_mean"`` (authors' code, ``src/wdpo.py``): ``ρ · mean_i P_i``;
-* ``kind="sqrt_mean"`` (the paper's surrogate): ``ρ · sqrt(mean_i P_i)``.
+* ``penalty="squared_mean"`` (authors' code, ``src/wdpo.py``): ``ρ · mean_i P_i``;
+* ``penalty="sqrt_mean"`` (the paper's surrogate): ``ρ · sqrt(mean_i P_i)``.
 
 The caller differentiates the total with respect to the parameters *through* ``g``
 (reverse-over-reverse; ``create_graph=True`` in the authors' PyTorch). Pure: takes ``g``.
@@ -32,14 +32,14 @@ def wdpo_pair_penalties(embed_grads: jax.Array, n_pairs: int) -> jax.Array:
     return sq[:n_pairs] + sq[n_pairs : 2 * n_pairs]
 
 
-def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, kind: str = "squared_mean"):
+def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, penalty: str = "squared_mean"):
     """``(penalty scalar, P_i [n_pairs])`` — see the module docstring."""
-    if kind not in PENALTY_KINDS:
-        raise ValueError(f"unknown WDPO penalty kind {kind!r}; choose one of {PENALTY_KINDS}")
+    if penalty not in PENALTY_KINDS:
+        raise ValueError(f"unknown WDPO penalty {penalty!r}; choose one of {PENALTY_KINDS}")
     p = wdpo_pair_penalties(embed_grads, n_pairs)
     m = p.mean()
     # sqrt with a safe gradient at 0 (all-zero gradients, e.g. a saturated batch)
-    agg = m if kind == "squared_mean" else jnp.sqrt(jnp.maximum(m, 1e-20))
+    agg = m if penalty == "squared_mean" else jnp.sqrt(jnp.maximum(m, 1e-20))
     return rho * agg, p
 
 

@@ -39,7 +39,7 @@ on the whole batch):
   to the model forward; KMM is O(B²) per iteration).
 * WDPO's penalty: the per-pair terms ``P_i`` are independent (pair ``i``'s embedding gradient
   depends only on pair ``i``'s loss), so the global ``mean_i P_i`` is the ``pmean`` of the
-  per-device means; ``kind="sqrt_mean"`` takes the square root of that global mean.
+  per-device means; ``penalty="sqrt_mean"`` takes the square root of that global mean.
 
 Metrics are ``pmean``-ed over devices (every metric of the objective is a batch mean or a
 global value), except ``weights/min``, ``weights/max`` and ``penalty/pair_max`` (``pmin`` /
@@ -193,7 +193,7 @@ def _all_gather_inputs(inputs: dict | None, axis_name: str) -> dict | None:
 
 def _global_penalty(objective: Objective, penalty, pair_pen, axis_name):
     """The penalty over the global batch from each device's per-pair terms."""
-    kind = objective.penalty_kwargs.get("kind", "squared_mean")
+    kind = objective.penalty_kwargs.get("penalty", "squared_mean")
     if kind == "squared_mean":  # rho * mean_i P_i: the mean of per-device means
         return jax.lax.pmean(penalty, axis_name)
     from alignshift.losses.penalties import PENALTIES
