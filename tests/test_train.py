@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from alignshift.config import ExperimentConfig, MethodConfig, load_config
+from alignshift.config import MethodConfig, load_config
 from alignshift.data import BatchIterator, encode_pairs, make_scenario
 from alignshift.train.checkpoint import Checkpointer
 from alignshift.train.loop import train_loop

@@ -9,14 +9,7 @@ from flax import nnx
 
 from alignshift.losses import make_objective
 from alignshift.models import LlamaConfig, LlamaForCausalLM
-from alignshift.train.steps import (
-    init_state,
-    make_logits_fn,
-    make_preference_step,
-    policy_inputs,
-    split_model,
-    wdpo_inputs_and_penalty,
-)
+from alignshift.train.steps import init_state, make_preference_step, split_model, wdpo_inputs_and_penalty
 
 V, T, B = 23, 7, 4
 

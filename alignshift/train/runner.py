@@ -6,7 +6,6 @@ Side effects (files) are limited to the ``writer`` and the checkpoint directory 
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -25,7 +24,6 @@ from alignshift.train.optim import make_optimizer
 from alignshift.train.steps import (
     batch_sequence_logps,
     init_state,
-    make_logits_fn,
     make_preference_step,
     make_sft_step,
     split_model,
