@@ -101,6 +101,9 @@ class TrainConfig:
     # deployment/validation batch per step, for rules that need one (IW-DPO); capped at the
     # validation set's size
     val_batch_size: int = 16
+    # directory of the on-disk reference log-prob cache ("" = off); entries are keyed by the
+    # data, the reference weights, the model config and the tokenisation (alignshift/train/ref_cache.py)
+    reference_cache_dir: str = ""
 
 
 TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")

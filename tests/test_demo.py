@@ -100,3 +100,21 @@ def test_robust_dpo_experiment_quick(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("penalty" in r for r in recs if r.get("method") == "wdpo_r0.1")
     assert (tmp_path / "alpha_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reference_cache_is_reused_across_runs(tmp_path):
+    """train.reference_cache_dir: the second identical run reads reference log-probs from disk."""
+    cache = tmp_path / "cache"
+    args = ["--quick", "--methods", "dpo", "train.steps=5", "sft.steps=10", "eval.n_prompts=16",
+            f"train.reference_cache_dir={cache}"]
+    first = _run(*args, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len([e for e in entries if e.endswith(".npz")]) == 2  # train and test sets
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    second = _run(*args, "--out", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes  # hits: nothing rewritten
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())["methods"]["dpo"]
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())["methods"]["dpo"]
+    assert a["deploy_pref_acc"] == b["deploy_pref_acc"] and a["kl_to_ref"] == b["kl_to_ref"]

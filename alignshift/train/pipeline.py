@@ -17,12 +17,14 @@ import time
 import jax
 import numpy as np
 
+from alignshift import __version__
 from alignshift.cli import prepare_out_dir
 from alignshift.config import ExperimentConfig, to_dict
 from alignshift.data import encode_pairs, encode_prompts, make_scenario
 from alignshift.eval.report import aggregate_seeds, format_table, plot_training_curves, read_jsonl, write_json_atomic
 from alignshift.eval.shift_eval import preference_accuracy, sample_and_score, win_rate
 from alignshift.train.metrics import JsonlWriter
+from alignshift.train.ref_cache import ReferenceLogpCache
 from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps, run_preference, run_sft
 from alignshift.train.steps import make_logits_fn, split_model
 
@@ -98,8 +100,13 @@ def prepare_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWr
                          checkpoint_dir=os.path.join(seed_dir, "checkpoints", "sft"))
     sft_writer.close()
     logits_fn = make_logits_fn(graphdef, rest)
+    compute = lambda a: precompute_reference_logps(logits_fn, ref_params, a)  # noqa: E731
+    cache = ReferenceLogpCache(cfg.train.reference_cache_dir) if cfg.train.reference_cache_dir else None
+    # the model config is part of the key: rope/eps/dtype live in the definition, not the weights
+    extra = {"model": to_dict(cfg.model), "tokenizer_vocab": list(tok.vocab), **enc,
+             "backend": jax.default_backend(), "alignshift": __version__}
     for arrays in sets.values():
-        arrays.update(precompute_reference_logps(logits_fn, ref_params, arrays))
+        arrays.update(cache.get_or_compute(arrays, ref_params, compute, extra=extra) if cache else compute(arrays))
     if "train+val" in wanted:
         sets["train+val"] = _concat_arrays(sets["train"], sets["val"])
     return SeedContext(cfg, seed, seed_dir, data, graphdef, rest, ref_params, logits_fn, sets, writer)
