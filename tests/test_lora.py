@@ -4,7 +4,6 @@ adapters disabled, merge, PEFT export (and, when ``peft`` is installed, a logits
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
