@@ -19,6 +19,7 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "LoRASettings",
     "ModelConfig",
     "DataConfig",
     "OptimConfig",
@@ -36,6 +37,18 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config problem, naming the offending key."""
+
+
+@dataclasses.dataclass
+class LoRASettings:
+    """LoRA for the preference phase (``alignshift.models.lora``): SFT trains the full model
+    (that is the reference); adapters are then added and only they are trained; the reference
+    is the same graph with the adapters zeroed (no second copy of the weights)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclasses.dataclass
@@ -57,6 +70,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     remat: bool = False
+    lora: LoRASettings = dataclasses.field(default_factory=LoRASettings)
 
 
 @dataclasses.dataclass

@@ -118,3 +118,17 @@ def test_reference_cache_is_reused_across_runs(tmp_path):
     a = json.loads((tmp_path / "a" / "summary.json").read_text())["methods"]["dpo"]
     b = json.loads((tmp_path / "b" / "summary.json").read_text())["methods"]["dpo"]
     assert a["deploy_pref_acc"] == b["deploy_pref_acc"] and a["kl_to_ref"] == b["kl_to_ref"]
+
+
+def test_lora_preference_phase_via_config(tmp_path):
+    """model.lora.enabled: adapters on the SFT model; step 1 is exactly ln 2 (policy = reference)."""
+    import math
+
+    proc = _run("--quick", "--methods", "dpo", "--out", str(tmp_path), "model.lora.enabled=true",
+                "train.steps=4", "train.log_every=1", "train.eval_every=0", "sft.steps=10", "eval.n_prompts=16",
+                "train.optim.lr=1e-2", "train.optim.warmup_steps=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    dpo = [r for r in recs if r.get("method") == "dpo" and "loss" in r]
+    assert dpo[0]["step"] == 1 and abs(dpo[0]["loss"] - math.log(2.0)) < 1e-6
+    assert dpo[-1]["loss"] < dpo[0]["loss"]

@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from alignshift import __version__
 from alignshift.cli import prepare_out_dir
@@ -25,7 +26,14 @@ from alignshift.eval.report import aggregate_seeds, format_table, plot_training_
 from alignshift.eval.shift_eval import preference_accuracy, sample_and_score, win_rate
 from alignshift.train.metrics import JsonlWriter
 from alignshift.train.ref_cache import ReferenceLogpCache
-from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps, run_preference, run_sft
+from alignshift.train.runner import (
+    add_lora,
+    build_policy,
+    objective_for,
+    precompute_reference_logps,
+    run_preference,
+    run_sft,
+)
 from alignshift.train.steps import make_logits_fn, split_model
 
 __all__ = ["DEFAULT_COLUMNS", "SeedContext", "DeployEvaluator", "prepare_seed", "train_method", "run_seed",
@@ -60,6 +68,7 @@ class SeedContext:
     logits_fn: object
     sets: dict
     writer: JsonlWriter
+    init_params: object = None  # the policy's starting params when they differ from the reference (LoRA)
 
     def sample_kwargs(self) -> dict:
         e = self.cfg.eval
@@ -99,6 +108,10 @@ def prepare_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWr
     ref_params = run_sft(model, data.sft, tok, cfg, seed=seed, writer=sft_writer,
                          checkpoint_dir=os.path.join(seed_dir, "checkpoints", "sft"))
     sft_writer.close()
+    init_params = None
+    if cfg.model.lora.enabled:  # SFT model = reference; the policy trains adapters on top of it
+        nnx.update(model, ref_params)
+        graphdef, rest, init_params, ref_params = add_lora(model, cfg.model, seed=seed)
     logits_fn = make_logits_fn(graphdef, rest)
     compute = lambda a: precompute_reference_logps(logits_fn, ref_params, a)  # noqa: E731
     cache = ReferenceLogpCache(cfg.train.reference_cache_dir) if cfg.train.reference_cache_dir else None
@@ -106,10 +119,12 @@ def prepare_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWr
     extra = {"model": to_dict(cfg.model), "tokenizer_vocab": list(tok.vocab), **enc,
              "backend": jax.default_backend(), "alignshift": __version__}
     for arrays in sets.values():
-        arrays.update(cache.get_or_compute(arrays, ref_params, compute, extra=extra) if cache else compute(arrays))
+        # the key hashes params AND rest: with LoRA the base weights live in ``rest``
+        weights = {"params": ref_params, "rest": rest}
+        arrays.update(cache.get_or_compute(arrays, weights, compute, extra=extra) if cache else compute(arrays))
     if "train+val" in wanted:
         sets["train+val"] = _concat_arrays(sets["train"], sets["val"])
-    return SeedContext(cfg, seed, seed_dir, data, graphdef, rest, ref_params, logits_fn, sets, writer)
+    return SeedContext(cfg, seed, seed_dir, data, graphdef, rest, ref_params, logits_fn, sets, writer, init_params)
 
 
 def train_method(ctx: SeedContext, m, eval_fn=None):
@@ -132,7 +147,7 @@ def train_method(ctx: SeedContext, m, eval_fn=None):
     t1 = time.perf_counter()
     params, _ = run_preference(ctx.graphdef, ctx.rest, ctx.ref_params, train_arrays, m, mcfg, seed=ctx.seed,
                                writer=mw, checkpoint_dir=os.path.join(ctx.seed_dir, "checkpoints", m.name),
-                               eval_fn=eval_fn, val_arrays=ctx.sets.get("val"))
+                               eval_fn=eval_fn, val_arrays=ctx.sets.get("val"), init_params=ctx.init_params)
     mw.close()
     return params, time.perf_counter() - t1
 

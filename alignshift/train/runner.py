@@ -72,6 +72,18 @@ def build_policy(cfg: ModelConfig, tokenizer, *, seed: int, mesh=None) -> nnx.Mo
     return LlamaForCausalLM(lcfg, rngs=nnx.Rngs(seed), dtype=_DTYPES[cfg.dtype])
 
 
+def add_lora(model: nnx.Module, cfg: ModelConfig, *, seed: int):
+    """Add LoRA adapters (``model.lora``) to a trained model; returns ``(graphdef, rest,
+    init_params, ref_params)``: the policy trains ``init_params`` (adapters only) and the
+    reference is the same graph with the adapters zeroed."""
+    from alignshift.models.lora import LoRAConfig, apply_lora, reference_params, split_lora
+
+    lcfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+    apply_lora(model, lcfg, rngs=nnx.Rngs(seed + 1))
+    graphdef, lora_params, rest = split_lora(model)
+    return graphdef, rest, lora_params, reference_params(lora_params)
+
+
 def objective_for(m: MethodConfig) -> Objective:
     return make_objective(m.base, m.weighting, m.penalty, base_kwargs=m.base_kwargs,
                           weighting_kwargs=m.weighting_kwargs, penalty_kwargs=m.penalty_kwargs)
@@ -149,8 +161,10 @@ def run_preference(
     checkpoint_dir: str | None = None,
     eval_fn: Callable | None = None,
     val_arrays: dict | None = None,
+    init_params=None,
 ):
-    """Train one preference method starting from the reference params; returns final params
+    """Train one preference method starting from ``init_params`` (default: the reference params;
+    with LoRA, the fresh adapters while the reference is the zeroed adapters); returns final params
     and the logged history. With ``train.precompute_reference`` the reference log-probs are
     computed once (and must already be in ``train_arrays``/``val_arrays``); otherwise the
     frozen reference runs inside every step. Rules that need a deployment/validation batch
@@ -177,8 +191,8 @@ def run_preference(
         n_val = val_arrays["chosen_input_ids"].shape[0]
         val_it = BatchIterator({k: val_arrays[k] for k in keep if k in val_arrays},
                                min(cfg.train.val_batch_size, n_val), seed=seed + 7919)
-    # Start from a copy of the reference: the step donates its state buffers.
-    params0 = jax.tree_util.tree_map(jnp.copy, ref_params)
+    # Start from a copy (of the reference by default): the step donates its state buffers.
+    params0 = jax.tree_util.tree_map(jnp.copy, ref_params if init_params is None else init_params)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state, history = train_loop(
         step_fn,
