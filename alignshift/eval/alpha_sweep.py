@@ -15,12 +15,10 @@ per-method curves (mean ± s.e. over seeds) and a PNG with error bands.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 
 from alignshift.data import PreferenceExample, encode_prompts, mix_reward
+from alignshift.eval.report import save_figure_atomic
 from alignshift.eval.shift_eval import implicit_rewards, sample_and_score
 
 __all__ = ["AlphaSweepEvaluator", "curves_from_summary", "plot_alpha_curves"]
@@ -136,9 +134,4 @@ def plot_alpha_curves(curves: dict, path: str, *, alpha0: float) -> None:
             ax.grid(alpha=0.3)
     axes[1, 0].legend(fontsize=7)  # the reward panels also show the reference
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["write_json_atomic", "aggregate_seeds", "format_table", "plot_training_curves", "read_jsonl"]
+__all__ = ["write_json_atomic", "save_figure_atomic", "aggregate_seeds", "format_table", "plot_training_curves", "read_jsonl"]
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -78,6 +78,22 @@ def format_table(summary: dict, columns: list[tuple[str, str]]) -> str:
     return "\n".join(rows)
 
 
+def save_figure_atomic(fig, path: str, *, dpi: int = 110) -> None:
+    """Save a matplotlib figure via a temp file + rename (never a half-written PNG), then close it."""
+    import matplotlib.pyplot as plt
+
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def plot_training_curves(
     records: list[dict], path: str, *, panels: list[tuple[str, str]], log_scale: tuple[str, ...] = ("loss",)
 ) -> None:
@@ -106,9 +122,4 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)

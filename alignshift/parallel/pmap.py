@@ -68,14 +68,7 @@ import optax
 from alignshift.losses import Objective
 from alignshift.losses.objective import BASE_LOSSES
 from alignshift.losses.weighting import WEIGHTING_RULES
-from alignshift.train.steps import (
-    _apply,
-    _reference,
-    _sequence_groups,
-    make_logits_fn,
-    policy_inputs,
-    wdpo_inputs_and_penalty,
-)
+from alignshift.train.steps import _apply, add_penalty, attach_reference, make_logits_fn, step_inputs
 
 __all__ = [
     "make_pmap_preference_step",
@@ -247,41 +240,21 @@ def make_pmap_preference_step(
     n_dev = len(devs)
     obj, gather = pmap_objective(objective, axis_name)
     logits_fn = make_logits_fn(graphdef, rest)
-    groups = _sequence_groups(objective)
 
     def loss_fn(params, batch, val_batch, step):
-        if obj.penalty is not None:
-            inputs, penalty, pair_pen = wdpo_inputs_and_penalty(graphdef, rest, params, batch, obj, None)
+        inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest, params, batch, obj, val_batch, step)
+        if penalty is not None:
             penalty = _global_penalty(obj, penalty, pair_pen, axis_name)
-        else:
-            inputs = policy_inputs(logits_fn, params, batch, obj, None)
-        inputs["step"] = step
-        val_inputs = None
-        if obj.needs_val:
-            if val_batch is None:
-                raise ValueError(f"weighting {obj.weighting!r} needs a validation batch (val_batch)")
-            val_inputs = jax.lax.stop_gradient(
-                policy_inputs(logits_fn, jax.lax.stop_gradient(params), val_batch, obj, None)
-            )
         if gather:  # the unchanged objective on the global batch's per-example inputs
             loss, metrics = objective(_all_gather_inputs(inputs, axis_name), _all_gather_inputs(val_inputs, axis_name))
         else:
             loss, metrics = obj(inputs, val_inputs)
-        if obj.penalty is not None:
-            metrics.update({"loss/base": loss, "penalty": penalty, "penalty/pair_max": pair_pen.max()})
-            loss = loss + penalty
-            metrics["loss"] = loss
-        return loss, metrics
-
-    def with_reference(b, ref_params):
-        # the frozen reference runs outside value_and_grad, on this device's shard
-        if b is None or ref_params is None or not objective.needs_reference:
-            return b
-        ref = _reference(logits_fn, b, objective, groups, ref_params)
-        return {**b, **{f"reference_{g}_logps": v for g, v in ref.items()}}
+        return add_penalty(loss, metrics, penalty, pair_pen)
 
     def _step(state, batch, ref_params, val_batch):
-        batch, val_batch = with_reference(batch, ref_params), with_reference(val_batch, ref_params)
+        # the frozen reference runs outside value_and_grad, on this device's shard
+        batch = attach_reference(logits_fn, batch, objective, ref_params)
+        val_batch = attach_reference(logits_fn, val_batch, objective, ref_params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], batch, val_batch, state["step"]
         )

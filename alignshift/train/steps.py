@@ -180,6 +180,48 @@ def make_sft_step(graphdef, rest, tx) -> Callable:
     return step
 
 
+def attach_reference(logits_fn, batch, objective: Objective, ref_params):
+    """``batch`` plus ``reference_{g}_logps`` from a frozen-reference forward (unchanged when
+    ``ref_params`` is None or the loss is reference-free). Call it OUTSIDE ``value_and_grad``:
+    there is nothing to differentiate, and ``nnx.remat`` inside a foreign trace level fails."""
+    if batch is None or ref_params is None or not objective.needs_reference:
+        return batch
+    ref = _reference(logits_fn, batch, objective, _sequence_groups(objective), ref_params)
+    return {**batch, **{f"reference_{g}_logps": v for g, v in ref.items()}}
+
+
+def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, step):
+    """The objective's inputs for one step, reference log-probs already in the batch:
+    ``(inputs, val_inputs, penalty, pair_penalties)``. With a penalty (WDPO) the policy forward
+    goes through the input embeddings; the validation batch (rules with ``needs_val``) gives
+    detached features only."""
+    logits_fn = make_logits_fn(graphdef, rest)
+    penalty = pair_pen = None
+    if objective.penalty is not None:
+        inputs, penalty, pair_pen = wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective)
+    else:
+        inputs = policy_inputs(logits_fn, params, batch, objective)
+    inputs["step"] = step
+    val_inputs = None
+    if objective.needs_val:
+        if val_batch is None:
+            raise ValueError(f"weighting {objective.weighting!r} needs a validation batch (val_batch)")
+        val_inputs = jax.lax.stop_gradient(
+            policy_inputs(logits_fn, jax.lax.stop_gradient(params), val_batch, objective)
+        )
+    return inputs, val_inputs, penalty, pair_pen
+
+
+def add_penalty(loss, metrics: dict, penalty, pair_pen):
+    """``loss + penalty`` with ``loss/base``, ``penalty`` and ``penalty/pair_max`` logged (no-op without one)."""
+    if penalty is None:
+        return loss, metrics
+    metrics.update({"loss/base": loss, "penalty": penalty, "penalty/pair_max": pair_pen.max()})
+    loss = loss + penalty
+    metrics["loss"] = loss
+    return loss, metrics
+
+
 def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
     """``step(state, batch, ref_params=None, val_batch=None) -> (state, metrics)``.
 
@@ -192,41 +234,17 @@ def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
     """
     logits_fn = make_logits_fn(graphdef, rest)
 
-    def loss_fn(params, batch, ref_params, val_batch, step):
-        if objective.penalty is not None:
-            inputs, penalty, pair_pen = wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective, ref_params)
-        else:
-            inputs = policy_inputs(logits_fn, params, batch, objective, ref_params)
-        inputs["step"] = step
-        val_inputs = None
-        if objective.needs_val:
-            if val_batch is None:
-                raise ValueError(f"weighting {objective.weighting!r} needs a validation batch (val_batch)")
-            val_inputs = jax.lax.stop_gradient(
-                policy_inputs(logits_fn, jax.lax.stop_gradient(params), val_batch, objective, ref_params)
-            )
+    def loss_fn(params, batch, val_batch, step):
+        inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest, params, batch, objective, val_batch, step)
         loss, metrics = objective(inputs, val_inputs)
-        if objective.penalty is not None:
-            metrics.update({"loss/base": loss, "penalty": penalty, "penalty/pair_max": pair_pen.max()})
-            loss = loss + penalty
-            metrics["loss"] = loss
-        return loss, metrics
-
-    groups = _sequence_groups(objective)
-
-    def with_reference(b, ref_params):
-        # The frozen reference runs OUTSIDE value_and_grad: nothing to differentiate, and
-        # nnx.remat inside a foreign trace level would fail.
-        if b is None or ref_params is None or not objective.needs_reference:
-            return b
-        ref = _reference(logits_fn, b, objective, groups, ref_params)
-        return {**b, **{f"reference_{g}_logps": v for g, v in ref.items()}}
+        return add_penalty(loss, metrics, penalty, pair_pen)
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None):
-        batch, val_batch = with_reference(batch, ref_params), with_reference(val_batch, ref_params)
+        batch = attach_reference(logits_fn, batch, objective, ref_params)
+        val_batch = attach_reference(logits_fn, val_batch, objective, ref_params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], batch, None, val_batch, state["step"]
+            state["params"], batch, val_batch, state["step"]
         )
         metrics["grad_norm"] = optax.tree.norm(grads)
         return _apply(state, grads, tx), metrics
