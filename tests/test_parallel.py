@@ -229,6 +229,45 @@ def _worker(out_path: str) -> None:
         for k in a3:
             np.testing.assert_allclose(b3[k], a3[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
+    @check("lora_sharded")
+    def _():
+        # LoRA: adapters are the state (sharded like their base layers), the frozen base goes
+        # in as the step's ``frozen`` argument (sharded by the rule table), reference = zeroed
+        # adapters; two steps on the (2,2,2) mesh equal the single-device steps.
+        from flax import nnx
+
+        from alignshift.models.lora import LoRAConfig, apply_lora, reference_params, split_lora
+
+        lmodel = build_policy(cfg.model, data.tokenizer, seed=0)
+        apply_lora(lmodel, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "up_proj",
+                                                                   "down_proj")), rngs=nnx.Rngs(5))
+        lg, lparams, lrest = split_lora(lmodel)
+        lref = reference_params(lparams)
+        lstep = make_preference_step(lg, lrest, tx, objective_for(MethodConfig()))
+        a = jax.device_put(init_state(copy(lparams), tx), dev0)
+        la = []
+        for b in batches:
+            a, m = lstep(a, b, lref, None, lrest)
+            la.append(float(m["loss"]))
+        sb = place_state(init_state(copy(lparams), tx), mesh)
+        srest, sref = shard_params(lrest, mesh), shard_params(lref, mesh)
+        lsstep = make_sharded_step(lstep, sb, batches[0], mesh, sref, None, srest)
+        lb = []
+        for b in batches:
+            sb, m = lsstep(sb, shard_batch(b, mesh), sref, None, srest)
+            lb.append(float(m["loss"]))
+        report["lora_losses_single"], report["lora_losses_sharded"] = la, lb
+        assert math.isclose(la[0], math.log(2.0), rel_tol=1e-6) and abs(la[1] - la[0]) > 1e-5, la
+        np.testing.assert_allclose(lb, la, rtol=1e-5)
+        q = sb["params"]["model"]["layers"][0]["self_attn"]["q_proj"]
+        assert q["lora_a"][...].sharding.spec == P("fsdp"), q["lora_a"][...].sharding
+        assert q["lora_b"][...].sharding.spec == P(None, "tensor"), q["lora_b"][...].sharding
+        d = sb["params"]["model"]["layers"][0]["mlp"]["down_proj"]
+        assert d["lora_a"][...].sharding.spec == P("tensor"), d["lora_a"][...].sharding
+        assert d["lora_b"][...].sharding.spec == P(None, "fsdp"), d["lora_b"][...].sharding
+        base_q = srest["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+        assert base_q.sharding.spec == P("fsdp", "tensor"), base_q.sharding
+
     @check("mesh_shape_error")
     def _():
         try:
@@ -306,6 +345,10 @@ def test_state_shardings_follow_rules(report):
     _ok(report, "state_shardings")
 
 
+def test_lora_sharded_like_base_layers(report):
+    _ok(report, "lora_sharded")
+
+
 def test_checkpoint_restores_onto_another_mesh(report):
     _ok(report, "checkpoint_restore_other_mesh")
     assert report["restored_q_shard_shape"] == [8, 16]
@@ -375,6 +418,16 @@ def test_resolve_mesh_shape():
     ("transformer/h/0/mlp/c_proj/bias", 1, (None,)),
     ("transformer/h/0/ln_1/scale", 1, (None,)),
     ("transformer/ln_f/bias", 1, (None,)),
+    # LoRA adapters follow their base layer (A: input dim, B: output dim, rank replicated)
+    ("model/layers/0/self_attn/q_proj/lora_a", 2, ("embed", None)),
+    ("model/layers/0/self_attn/q_proj/lora_b", 2, (None, "heads")),
+    ("model/layers/0/self_attn/o_proj/lora_a", 2, ("heads", None)),
+    ("model/layers/0/self_attn/o_proj/lora_b", 2, (None, "embed")),
+    ("model/layers/0/mlp/up_proj/lora_b", 2, (None, "mlp")),
+    ("model/layers/0/mlp/down_proj/lora_a", 2, ("mlp", None)),
+    ("model/layers/0/mlp/down_proj/lora_b", 2, (None, "embed")),
+    ("gpt_neox/layers/0/attention/query_key_value/lora_a", 2, ("embed", None)),
+    ("transformer/h/0/mlp/c_proj/lora_a", 2, ("mlp", None)),
     # stacked (scanned) layers get a leading replicated dim; unknown names are replicated
     ("model/layers/self_attn/q_proj/kernel", 3, (None, "embed", "heads")),
     ("model/some_new_thing/kernel", 2, (None, None)),

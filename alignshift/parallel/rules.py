@@ -8,7 +8,9 @@ Two tables, applied in order:
    ``{gate,up,down}_proj``, ``lm_head``), GPT-NeoX (``embed_in``, ``query_key_value``,
    ``attention/dense``, ``dense_h_to_4h``, ``dense_4h_to_h``, ``embed_out``) and GPT-2
    (``wte``, ``wpe``, ``c_attn``, ``attn/c_proj``, ``c_fc``, ``mlp/c_proj``). Linear kernels are
-   ``[in, out]`` (``nnx.Linear``), embeddings ``[vocab, embed]``. Norm scales, biases of
+   ``[in, out]`` (``nnx.Linear``), embeddings ``[vocab, embed]``; LoRA adapters ``lora_a``
+   ``[in, r]`` / ``lora_b`` ``[r, out]`` are split like their base kernel's in / out dimension
+   (rank replicated). Norm scales, biases of
    ``embed``-sized outputs and anything unmatched are replicated.
 2. :data:`LOGICAL_TO_MESH` -- logical axis -> mesh axis: ``vocab``/``heads``/``mlp`` ->
    ``tensor`` (Megatron-style column/row split), ``embed`` -> ``fsdp`` (ZeRO-3 style sharding
@@ -73,6 +75,14 @@ _NORM = r"[^/]*(norm|ln_[^/]*|layernorm|layer_norm)[^/]*"
 
 #: ``(regex on the '/'-joined path, logical axes)``; first match wins. ``None`` = replicated.
 PARAM_RULES: tuple[tuple[str, Axes], ...] = (
+    # LoRA adapters (alignshift.models.lora: lora_a [in, r], lora_b [r, out]) follow their base
+    # layer: A is split like the base kernel's input dim, B like its output dim; rank replicated.
+    (rf"(^|/)({_QKV}|{_MLP_IN})/lora_a$", ("embed", None)),
+    (rf"(^|/)({_QKV})/lora_b$", (None, "heads")),
+    (rf"(^|/)({_MLP_IN})/lora_b$", (None, "mlp")),
+    (rf"(^|/){_ATTN_OUT}/lora_a$", ("heads", None)),
+    (rf"(^|/){_MLP_OUT}/lora_a$", ("mlp", None)),
+    (rf"(^|/)({_ATTN_OUT}|{_MLP_OUT})/lora_b$", (None, "embed")),
     # norms first: "input_layernorm/weight" must not be mistaken for a projection
     (rf"(^|/){_NORM}/(weight|scale|bias)$", (None,)),
     # embeddings [vocab, embed] and position embeddings [positions, embed]

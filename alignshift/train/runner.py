@@ -6,6 +6,7 @@ Side effects (files) are limited to the ``writer`` and the checkpoint directory 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -171,7 +172,9 @@ def run_preference(
     draw one per step from ``val_arrays`` (own iterator, ``train.val_batch_size``)."""
     objective = objective_for(method)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
-    step_fn = make_preference_step(graphdef, rest, tx, objective)
+    # ``rest`` goes in as an argument, not a constant baked into the compiled step: under LoRA
+    # it holds the frozen base weights (shardable, and never copied into the executable).
+    step_fn = functools.partial(make_preference_step(graphdef, rest, tx, objective), frozen=rest)
     keep = [k for k in train_arrays if not k.startswith("prompt_")]
     if not objective.needs_kl_completions:
         keep = [k for k in keep if not k.startswith(("kl_", "reference_kl"))]

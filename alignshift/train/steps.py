@@ -223,7 +223,7 @@ def add_penalty(loss, metrics: dict, penalty, pair_pen):
 
 
 def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
-    """``step(state, batch, ref_params=None, val_batch=None) -> (state, metrics)``.
+    """``step(state, batch, ref_params=None, val_batch=None, frozen=None) -> (state, metrics)``.
 
     With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
     otherwise the frozen reference (same graphdef) runs forward inside the step. Rules that
@@ -231,20 +231,27 @@ def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
     through the policy (and reference) forward for features only — it carries no gradient
     and does not enter the loss. ``inputs["step"]`` (the state's step) is passed to the rule,
     e.g. for a warm-up.
-    """
-    logits_fn = make_logits_fn(graphdef, rest)
 
-    def loss_fn(params, batch, val_batch, step):
-        inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest, params, batch, objective, val_batch, step)
+    ``frozen`` (optional) replaces the ``rest`` the step was built with, as a traced argument:
+    pass the frozen base weights this way under LoRA (``rest`` of
+    :func:`alignshift.models.lora.split_lora`), so they are an input the mesh can shard
+    (:func:`alignshift.parallel.make_sharded_step` shards a parameter tree by the rule table)
+    instead of constants baked into the compiled step.
+    """
+
+    def loss_fn(params, batch, val_batch, step, rest_):
+        inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest_, params, batch, objective, val_batch, step)
         loss, metrics = objective(inputs, val_inputs)
         return add_penalty(loss, metrics, penalty, pair_pen)
 
     @partial(jax.jit, donate_argnums=(0,))
-    def step(state, batch, ref_params=None, val_batch=None):
+    def step(state, batch, ref_params=None, val_batch=None, frozen=None):
+        rest_ = rest if frozen is None else frozen
+        logits_fn = make_logits_fn(graphdef, rest_)
         batch = attach_reference(logits_fn, batch, objective, ref_params)
         val_batch = attach_reference(logits_fn, val_batch, objective, ref_params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], batch, val_batch, state["step"]
+            state["params"], batch, val_batch, state["step"], rest_
         )
         metrics["grad_norm"] = optax.tree.norm(grads)
         return _apply(state, grads, tx), metrics
