@@ -142,11 +142,18 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _call_layer(layer, h, *args):
-    return layer(h, *args)
+def _remat_call_layer(layer, h, *args):
+    """``layer(h, *args)`` under ``jax.checkpoint``, functionally: the layer is split into
+    (graphdef, state) and merged inside, so it works whether the weights are concrete, traced by
+    an nnx transform, or merged from a pytree inside a plain ``jax.value_and_grad`` (the train
+    step) -- ``nnx.remat`` raises a TraceContextError in that last case. A layer's forward
+    mutates no state, so nothing needs writing back."""
+    graphdef, state = nnx.split(layer)
 
+    def run(state, h, *args):
+        return nnx.merge(graphdef, state)(h, *args)
 
-_remat_call_layer = nnx.remat(_call_layer)  # a module-level function: nnx.remat rejects bound methods
+    return jax.checkpoint(run)(state, h, *args)
 
 
 def apply_layer(layer, h: jax.Array, *args, remat: bool = False) -> jax.Array:
