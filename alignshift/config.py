@@ -118,6 +118,9 @@ class TrainConfig:
     # directory of the on-disk reference log-prob cache ("" = off); entries are keyed by the
     # data, the reference weights, the model config and the tokenisation (alignshift/train/ref_cache.py)
     reference_cache_dir: str = ""
+    # > 0: log-probs computed this many positions at a time from the final hidden states, so the
+    # [B, T, V] float32 logits are never materialised (SFT and preference steps; large vocabularies)
+    logits_chunk: int = 0
 
 
 TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder layer")
+    p.add_argument("--logits-chunk", type=int, default=0,
+                   help="> 0: log-probs this many positions at a time (no [B, T, V] logits)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names (DoRA: q,v)")
@@ -105,7 +107,7 @@ def measure(mode: str, a) -> dict:
         ref = _abstract(params) if mode == "full+ref" else None
         extra = (ref,)
         frozen = None
-    step = make_preference_step(graphdef, rest, tx, objective)
+    step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=a.logits_chunk)
     state = jax.eval_shape(lambda p: init_state(p, tx), _abstract(params))
     batch = _batch(a.batch, a.seq_len, with_ref=mode == "precomputed")
     t0 = time.perf_counter()
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
     gib = 2.0 ** 30
     print(f"backend {jax.default_backend()}: Llama hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads} "
           f"ffn={a.intermediate} vocab={a.vocab}; batch {a.batch} pairs x seq {a.seq_len}; compute {a.dtype}, "
-          f"params {a.param_dtype}, remat={a.remat}; LoRA r={a.lora_rank} on {a.lora_targets}")
+          f"params {a.param_dtype}, remat={a.remat}, logits_chunk={a.logits_chunk}; LoRA r={a.lora_rank} on {a.lora_targets}")
     rows = [measure(m, a) for m in a.modes.split(",")]
     hdr = f"{'mode':<12} {'trainable':>13} {'args GiB':>9} {'out GiB':>8} {'temp GiB':>9} {'alias GiB':>9} " \
           f"{'peak GiB':>9} {'vs full+ref':>11} {'compile s':>9}"

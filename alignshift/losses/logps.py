@@ -13,7 +13,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sequence_logps", "sequence_logps_wpo", "mean_logps", "token_logps", "check_logits_labels"]
+__all__ = [
+    "sequence_logps",
+    "sequence_logps_wpo",
+    "chunked_sequence_logps",
+    "mean_logps",
+    "token_logps",
+    "check_logits_labels",
+]
 
 
 def check_logits_labels(logits, labels, mask) -> None:
@@ -77,3 +84,57 @@ def sequence_logps_wpo(logits: jax.Array, labels: jax.Array, mask: jax.Array):
     n = mask.astype(jnp.float32).sum(axis=-1)
     adj = jnp.where(valid, jax.lax.stop_gradient(lp) - jax.lax.stop_gradient(log_sum_p2), 0.0)
     return lp.sum(axis=-1), n, adj.sum(axis=-1) / jnp.maximum(n, 1.0)
+
+
+def chunked_sequence_logps(hidden: jax.Array, head_fn, labels: jax.Array, mask: jax.Array, *,
+                           chunk_size: int, with_wpo: bool = False):
+    """:func:`sequence_logps` (or :func:`sequence_logps_wpo`) from the LM head's *input*, never
+    materialising the ``[B, T, V]`` logits or their float32 log-softmax.
+
+    The sequence is cut into chunks of ``chunk_size`` positions; a ``lax.scan`` applies
+    ``head_fn(h [B, c, d]) -> logits [B, c, V]`` and the log-softmax to one chunk at a time
+    under ``jax.checkpoint``, so both the forward and the backward hold ``[B, c, V]`` at a time
+    (the backward recomputes each chunk's logits from its hidden states). Same values as the
+    unchunked functions up to float summation order.
+
+    Args:
+      hidden: [B, T, d], already aligned with ``labels`` (position ``t`` predicts ``labels[t]``).
+      head_fn: the model's hidden -> logits map (e.g. ``model.logits_from_hidden``).
+      labels, mask: [B, T] as in :func:`sequence_logps`.
+    """
+    B, T = labels.shape
+    if hidden.shape[:2] != (B, T):
+        raise ValueError(f"hidden shape {tuple(hidden.shape)} does not match labels [B, T] = {(B, T)}")
+    if mask.shape != labels.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match labels shape {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    c = min(int(chunk_size), T)
+    pad = (-T) % c
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        labels, mask = jnp.pad(labels, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    n_chunks = (T + pad) // c
+    xs = (hidden.reshape(B, n_chunks, c, -1).swapaxes(0, 1),
+          labels.reshape(B, n_chunks, c).swapaxes(0, 1),
+          mask.reshape(B, n_chunks, c).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def chunk(h, lab, m):
+        logits = head_fn(h)
+        if with_wpo:
+            s, n, w = sequence_logps_wpo(logits, lab, m)
+            return s, w * jnp.maximum(n, 1.0)  # un-normalised WPO sum, normalised at the end
+        s, _ = sequence_logps(logits, lab, m)
+        return s, jnp.zeros_like(s)
+
+    def body(carry, x):
+        s, w = chunk(*x)
+        return (carry[0] + s, carry[1] + w), None
+
+    zeros = jnp.zeros((B,), jnp.float32)
+    (s, w), _ = jax.lax.scan(body, (zeros, zeros), xs)
+    n = mask.astype(jnp.float32).sum(axis=-1)
+    if with_wpo:
+        return s, n, w / jnp.maximum(n, 1.0)
+    return s, n

@@ -114,7 +114,7 @@ def run_sft(
     tx = make_optimizer(cfg.sft.optim, cfg.sft.steps)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state, _ = train_loop(
-        make_sft_step(graphdef, rest, tx),
+        make_sft_step(graphdef, rest, tx, logits_chunk=cfg.train.logits_chunk),
         init_state(params, tx),
         it,
         steps=cfg.sft.steps,
@@ -174,7 +174,8 @@ def run_preference(
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
     # ``rest`` goes in as an argument, not a constant baked into the compiled step: under LoRA
     # it holds the frozen base weights (shardable, and never copied into the executable).
-    step_fn = functools.partial(make_preference_step(graphdef, rest, tx, objective), frozen=rest)
+    step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=cfg.train.logits_chunk)
+    step_fn = functools.partial(step, frozen=rest)
     keep = [k for k in train_arrays if not k.startswith("prompt_")]
     if not objective.needs_kl_completions:
         keep = [k for k in keep if not k.startswith(("kl_", "reference_kl"))]

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from alignshift.losses import Objective, sequence_logps
-from alignshift.losses.logps import sequence_logps_wpo
+from alignshift.losses.logps import chunked_sequence_logps, sequence_logps_wpo
 
 __all__ = [
     "split_model",
@@ -40,19 +40,43 @@ def split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
-def make_logits_fn(graphdef, rest) -> Callable:
-    """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure)."""
+class LogitsFn:
+    """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure), plus
+    ``logits_fn.sequence_logps(params, ids, mask, loss_mask, with_wpo)``: the per-sequence
+    log-probs, through :func:`alignshift.losses.logps.chunked_sequence_logps` when
+    ``logits_chunk > 0`` (the ``[B, T, V]`` logits are never materialised)."""
 
-    def logits_fn(params, input_ids, attention_mask):
-        model = nnx.merge(graphdef, params, rest)
+    def __init__(self, graphdef, rest, logits_chunk: int = 0):
+        self.graphdef, self.rest, self.logits_chunk = graphdef, rest, int(logits_chunk)
+
+    def __call__(self, params, input_ids, attention_mask):
+        model = nnx.merge(self.graphdef, params, self.rest)
         return model(input_ids, attention_mask=attention_mask)
 
-    return logits_fn
+    def sequence_logps(self, params, input_ids, attention_mask, loss_mask, with_wpo: bool = False):
+        labels, lmask = input_ids[:, 1:], loss_mask[:, 1:]
+        if self.logits_chunk <= 0:
+            logits = self(params, input_ids, attention_mask)
+            fn = sequence_logps_wpo if with_wpo else sequence_logps
+            return fn(logits[:, :-1], labels, lmask)
+        model = nnx.merge(self.graphdef, params, self.rest)
+        h = model.hidden_states(input_ids, attention_mask=attention_mask)
+        return chunked_sequence_logps(h[:, :-1], model.logits_from_hidden, labels, lmask,
+                                      chunk_size=self.logits_chunk, with_wpo=with_wpo)
+
+
+def make_logits_fn(graphdef, rest, *, logits_chunk: int = 0) -> LogitsFn:
+    """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure); see
+    :class:`LogitsFn` for ``logits_chunk``."""
+    return LogitsFn(graphdef, rest, logits_chunk)
 
 
 def batch_sequence_logps(logits_fn, params, input_ids, attention_mask, loss_mask, *, with_wpo: bool = False):
     """Per-sequence ``(sum_logps, n_tokens)`` of the response tokens (next-token shift inside);
-    with ``with_wpo`` also WPO's per-sequence log-weight term (a third output)."""
+    with ``with_wpo`` also WPO's per-sequence log-weight term (a third output). ``logits_fn``
+    is a :class:`LogitsFn` (chunked when configured) or any ``(params, ids, mask) -> logits``."""
+    if isinstance(logits_fn, LogitsFn):
+        return logits_fn.sequence_logps(params, input_ids, attention_mask, loss_mask, with_wpo)
     logits = logits_fn(params, input_ids, attention_mask)
     fn = sequence_logps_wpo if with_wpo else sequence_logps
     return fn(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
@@ -160,9 +184,10 @@ def _apply(state, grads, tx):
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
 
 
-def make_sft_step(graphdef, rest, tx) -> Callable:
-    """``step(state, batch) -> (state, metrics)``: mean token NLL over ``loss_mask`` (responses)."""
-    logits_fn = make_logits_fn(graphdef, rest)
+def make_sft_step(graphdef, rest, tx, *, logits_chunk: int = 0) -> Callable:
+    """``step(state, batch) -> (state, metrics)``: mean token NLL over ``loss_mask`` (responses).
+    ``logits_chunk > 0``: log-probs chunked over the sequence (:class:`LogitsFn`)."""
+    logits_fn = make_logits_fn(graphdef, rest, logits_chunk=logits_chunk)
 
     def loss_fn(params, batch):
         s, n = batch_sequence_logps(
@@ -190,12 +215,12 @@ def attach_reference(logits_fn, batch, objective: Objective, ref_params):
     return {**batch, **{f"reference_{g}_logps": v for g, v in ref.items()}}
 
 
-def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, step):
+def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, step, *, logits_chunk: int = 0):
     """The objective's inputs for one step, reference log-probs already in the batch:
     ``(inputs, val_inputs, penalty, pair_penalties)``. With a penalty (WDPO) the policy forward
-    goes through the input embeddings; the validation batch (rules with ``needs_val``) gives
-    detached features only."""
-    logits_fn = make_logits_fn(graphdef, rest)
+    goes through the input embeddings (never chunked); the validation batch (rules with
+    ``needs_val``) gives detached features only."""
+    logits_fn = make_logits_fn(graphdef, rest, logits_chunk=logits_chunk)
     penalty = pair_pen = None
     if objective.penalty is not None:
         inputs, penalty, pair_pen = wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective)
@@ -222,7 +247,7 @@ def add_penalty(loss, metrics: dict, penalty, pair_pen):
     return loss, metrics
 
 
-def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
+def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chunk: int = 0) -> Callable:
     """``step(state, batch, ref_params=None, val_batch=None, frozen=None) -> (state, metrics)``.
 
     With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
@@ -237,17 +262,22 @@ def make_preference_step(graphdef, rest, tx, objective: Objective) -> Callable:
     :func:`alignshift.models.lora.split_lora`), so they are an input the mesh can shard
     (:func:`alignshift.parallel.make_sharded_step` shards a parameter tree by the rule table)
     instead of constants baked into the compiled step.
+
+    ``logits_chunk > 0`` computes the log-probs ``logits_chunk`` positions at a time from the
+    final hidden states (:func:`alignshift.losses.logps.chunked_sequence_logps`): the
+    ``[B, T, V]`` logits are never materialised, in the forward or the backward.
     """
 
     def loss_fn(params, batch, val_batch, step, rest_):
-        inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest_, params, batch, objective, val_batch, step)
+        inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest_, params, batch, objective, val_batch, step,
+                                                            logits_chunk=logits_chunk)
         loss, metrics = objective(inputs, val_inputs)
         return add_penalty(loss, metrics, penalty, pair_pen)
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None, frozen=None):
         rest_ = rest if frozen is None else frozen
-        logits_fn = make_logits_fn(graphdef, rest_)
+        logits_fn = make_logits_fn(graphdef, rest_, logits_chunk=logits_chunk)
         batch = attach_reference(logits_fn, batch, objective, ref_params)
         val_batch = attach_reference(logits_fn, val_batch, objective, ref_params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -1,0 +1,95 @@
+"""Chunked log-probs from hidden states: same values and gradients as the full-logits path,
+and the [B, T, V] float32 logits are really not materialised (XLA's own memory accounting)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from alignshift.losses import make_objective
+from alignshift.losses.logps import chunked_sequence_logps, sequence_logps, sequence_logps_wpo
+from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
+from alignshift.train.steps import init_state, make_preference_step, split_model
+
+
+def _inputs(B=3, T=11, d=8, V=37, seed=0):
+    rs = np.random.RandomState(seed)
+    h = jnp.asarray(rs.randn(B, T, d), jnp.float32)
+    w = jnp.asarray(rs.randn(d, V), jnp.float32)
+    labels = jnp.asarray(rs.randint(0, V, (B, T)), jnp.int32)
+    mask = jnp.asarray(rs.rand(B, T) > 0.3, jnp.int32).at[2].set(0)  # one row without response
+    return h, w, labels, mask
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11, 16])
+@pytest.mark.parametrize("with_wpo", [False, True])
+def test_chunked_equals_full_values_and_grads(chunk, with_wpo):
+    h, w, labels, mask = _inputs()
+    full = sequence_logps_wpo if with_wpo else sequence_logps
+
+    def f_full(h, w):
+        out = full(jnp.tanh(h) @ w, labels, mask)
+        return out[0].sum() + (out[2].sum() if with_wpo else 0.0), out
+
+    def f_chunk(h, w):
+        out = chunked_sequence_logps(h, lambda x: jnp.tanh(x) @ w, labels, mask, chunk_size=chunk, with_wpo=with_wpo)
+        return out[0].sum() + (out[2].sum() if with_wpo else 0.0), out
+
+    (_, a), ga = jax.value_and_grad(f_full, argnums=(0, 1), has_aux=True)(h, w)
+    (_, b), gb = jax.value_and_grad(f_chunk, argnums=(0, 1), has_aux=True)(h, w)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+    assert float(b[0][2]) == 0.0 and float(b[1][2]) == 0.0
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_never_materialises_full_logits():
+    B, T, d, V = 4, 128, 16, 8192
+    h = jax.ShapeDtypeStruct((B, T, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, V), jnp.float32)
+    lab = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def temp(fn):
+        g = jax.jit(jax.grad(lambda h, w, lab: fn(h, w, lab)[0].sum(), argnums=(0, 1)))
+        return g.lower(h, w, lab).compile().memory_analysis().temp_size_in_bytes
+
+    full = temp(lambda h, w, lab: sequence_logps(h @ w, lab, jnp.ones_like(lab)))
+    chunked = temp(lambda h, w, lab: chunked_sequence_logps(h, lambda x: x @ w, lab, jnp.ones_like(lab),
+                                                            chunk_size=16))
+    logits_bytes = B * T * V * 4
+    assert full >= logits_bytes, (full, logits_bytes)
+    assert chunked < logits_bytes / 2, (chunked, logits_bytes)
+
+
+def test_chunk_size_errors():
+    h, w, labels, mask = _inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_sequence_logps(h, lambda x: x @ w, labels, mask, chunk_size=0)
+    with pytest.raises(ValueError, match="hidden shape"):
+        chunked_sequence_logps(h[:, :5], lambda x: x @ w, labels, mask, chunk_size=2)
+
+
+def test_preference_step_with_logits_chunk_matches():
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    graphdef, params, rest = split_model(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    ref = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
+    rs = np.random.RandomState(1)
+    batch = {}
+    for g in ("chosen", "rejected"):
+        batch[f"{g}_input_ids"] = jnp.asarray(rs.randint(0, 61, (4, 10)), jnp.int32)
+        batch[f"{g}_attention_mask"] = jnp.ones((4, 10), jnp.int32)
+        batch[f"{g}_loss_mask"] = jnp.asarray(np.arange(10)[None].repeat(4, 0) >= 4, jnp.int32)
+    out = []
+    for chunk in (0, 3):
+        tx = optax.sgd(0.1)
+        step = make_preference_step(graphdef, rest, tx, make_objective("dpo"), logits_chunk=chunk)
+        state = init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
+        state, m = step(state, batch, ref)
+        out.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
+    np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(out[0][2]), jax.tree_util.tree_leaves(out[1][2])):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
