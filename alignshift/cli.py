@@ -1,7 +1,7 @@
 """The command-line contract every experiment script shares.
 
     python experiments/<script>.py --config PATH --out DIR [--seeds N] [--quick] [--resume]
-                                   [--methods a,b] [key=value ...]
+                                   [--methods a,b] [--skip-bad-rows] [key=value ...]
 """
 
 from __future__ import annotations
@@ -18,14 +18,36 @@ from alignshift.config import ConfigError, ExperimentConfig, load_config, to_dic
 __all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir"]
 
 
+class _ExperimentParser(argparse.ArgumentParser):
+    """``--dry-run`` is acted on at parse time, so every script built on
+    :func:`experiment_parser` supports it whatever it does with the parsed arguments: the
+    config (with ``--quick``/``--seeds`` and overrides) is planned by
+    :func:`alignshift.dryrun.dry_run` and the process exits (0, or 2 on a config error)."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        if getattr(ns, "dry_run", False):
+            from alignshift.dryrun import run_dry_run
+
+            overrides = list(ns.overrides) + ([f"seeds={ns.seeds}"] if ns.seeds is not None else [])
+            raise SystemExit(run_dry_run(ns.config, overrides, quick=ns.quick))
+        return ns
+
+
 def experiment_parser(description: str, default_config: str | None, default_out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = _ExperimentParser(description=description)
     p.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides config 'seeds')")
     p.add_argument("--quick", action="store_true", help="reduced run (~1 minute on a CPU), as the tests use")
     p.add_argument("--resume", action="store_true", help="resume from checkpoints in --out (same config only)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the config's method names")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build model + optimizer state with abstract shapes, print parameter count, per-device "
+                        "memory and the sharding plan on the config's mesh, and exit (no weights, no training)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop malformed data rows (and over-long ones unless data.truncation=truncate), "
+                        "count and report them, instead of stopping at the first (= data.skip_bad_rows=true)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
     return p
 
@@ -35,6 +57,8 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv=None) -> tuple[a
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"seeds={args.seeds}")
+    if getattr(args, "skip_bad_rows", False):
+        overrides.append("data.skip_bad_rows=true")
     try:
         cfg = load_config(args.config, overrides, quick=args.quick)
         if args.methods:

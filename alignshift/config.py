@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "MethodConfig",
     "EvalConfig",
+    "MeshConfig",
     "ExperimentConfig",
     "from_dict",
     "to_dict",
@@ -81,6 +82,20 @@ class DataConfig:
     scenario_kwargs: dict = dataclasses.field(default_factory=dict)
     max_prompt_len: int = 8
     max_completion_len: int = 10
+    # A real dataset instead of the benchmark: a name registered in
+    # ``alignshift.data.datasets.DATASETS`` ("" = use ``scenario``), its source (hub name or
+    # local path; "" = the dataset's hub name) and its loader arguments (split recipe, filters).
+    dataset: str = ""
+    dataset_source: str = ""
+    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
+    # chat-template tokenisation (``alignshift.data.chat``): auto | chat | raw; optional system prompt
+    chat_mode: str = "auto"
+    system_prompt: str = ""
+    # bad rows (missing/empty fields, chosen == rejected, non-UTF-8, ...): raise naming the row
+    # (False), or drop them and report how many (True; the CLI's --skip-bad-rows)
+    skip_bad_rows: bool = False
+    # rows longer than max_prompt_len / max_completion_len: truncate | error | skip
+    truncation: str = "truncate"
 
 
 @dataclasses.dataclass
@@ -121,6 +136,9 @@ class TrainConfig:
     # > 0: log-probs computed this many positions at a time from the final hidden states, so the
     # [B, T, V] float32 logits are never materialised (SFT and preference steps; large vocabularies)
     logits_chunk: int = 0
+    # a step with a non-finite loss or gradient is not applied; this many in a row stop the run
+    # (the offending batch is written next to the checkpoints; alignshift/train/loop.py)
+    max_consecutive_nonfinite: int = 10
 
 
 TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")
@@ -155,6 +173,21 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    """The device mesh a run expects (``alignshift.parallel.make_mesh``; one axis may be -1 =
+    the rest of the devices) and, for ``--dry-run`` on a machine without them, the device
+    count to plan for (0 = the devices present)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    devices: int = 0
+    # memory of one device in GiB that the run is planned for (0 = unchecked); ``--dry-run``
+    # fails when its per-device estimate exceeds it
+    device_memory_gb: float = 0.0
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     scenario: str = "shift_demo"
     seed: int = 0
@@ -165,6 +198,7 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     methods: list[MethodConfig] = dataclasses.field(default_factory=lambda: [MethodConfig()])
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     # Overrides applied by ``--quick`` (dotted keys), for a ~1 minute CPU run used by tests.
     quick: dict = dataclasses.field(default_factory=dict)
 
@@ -307,20 +341,98 @@ def load_config(path: str | None, overrides: list[str] = (), *, quick: bool = Fa
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at top level")
     base = to_dict(from_dict(cls, data))  # validates the file itself first
+    quick_items = [f"{k}={_dump(v)}" for k, v in base.get("quick", {}).items()] if quick else []
     if quick:
-        base = apply_overrides(base, [f"{k}={_dump(v)}" for k, v in base.get("quick", {}).items()])
+        base = apply_overrides(base, quick_items)
     cfg = from_dict(cls, apply_overrides(base, list(overrides)))
-    validate(cfg)
+    if cls is ExperimentConfig:
+        explicit = _flat_keys(data) | {o.split("=", 1)[0].strip() for o in [*quick_items, *overrides] if "=" in o}
+        validate(cfg, explicit=explicit)
+    else:
+        validate(cfg)
     return cfg
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.add(key)
+        if isinstance(v, dict):
+            out |= _flat_keys(v, key + ".")
+    return out
 
 
 def _dump(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Cross-field checks that the type system cannot express."""
-    from alignshift.losses.objective import make_objective
+# hyper-parameters (in base_kwargs / weighting_kwargs / penalty_kwargs) with a range: a value
+# outside it gives NaN or a silently meaningless objective, so it is refused up front
+_POSITIVE_HP = ("beta", "tau", "beta_prime", "lam", "temperature")
+_NONNEGATIVE_HP = ("rho", "label_smoothing", "ridge", "upper_bound", "desirable_weight", "undesirable_weight",
+                   "clamp", "clip", "warmup_examples")
+
+
+def _check_hparams(where: str, fn, kwargs: dict) -> None:
+    """Types (from the registered function's signature) and ranges of hyper-parameters."""
+    import inspect
+    import math
+
+    params = inspect.signature(fn).parameters
+    for k, v in kwargs.items():
+        key = f"{where}.{k}"
+        p = params.get(k)
+        if p is None:
+            continue  # unknown names are reported by make_objective
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        ann = "" if p.annotation is inspect.Parameter.empty else str(ann)
+        d = p.default
+        allowed = {t for t in ("float", "int", "bool", "str", "None") if t in ann}
+        if not allowed:  # no annotation: infer from the default
+            allowed = ({"bool"} if isinstance(d, bool) else {"float"} if isinstance(d, (int, float))
+                       else {"str"} if isinstance(d, str) else set())
+            if d is None:
+                allowed = set()
+        if not allowed:
+            continue
+        ok = ((v is None and "None" in allowed)
+              or (isinstance(v, bool) and "bool" in allowed)
+              or (isinstance(v, (int, float)) and not isinstance(v, bool) and allowed & {"int", "float"})
+              or (isinstance(v, str) and "str" in allowed))
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {' or '.join(sorted(allowed))}; got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise ConfigError(f"config key {key!r} must be finite; got {v!r}")
+            if k in _POSITIVE_HP and v <= 0:
+                raise ConfigError(f"config key {key!r} must be > 0; got {v!r}")
+            if k in _NONNEGATIVE_HP and v < 0:
+                raise ConfigError(f"config key {key!r} must be >= 0; got {v!r}")
+
+
+def _check_optim(prefix: str, o: OptimConfig) -> None:
+    import math
+
+    for name in ("lr", "weight_decay", "grad_clip", "b1", "b2", "eps"):
+        if not math.isfinite(getattr(o, name)):
+            raise ConfigError(f"config key '{prefix}.{name}' must be finite; got {getattr(o, name)!r}")
+    for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"config key '{prefix}.{name}' must be >= 0; got {getattr(o, name)!r}")
+    for name in ("b1", "b2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise ConfigError(f"config key '{prefix}.{name}' must be in [0, 1); got {getattr(o, name)!r}")
+    if o.eps <= 0:
+        raise ConfigError(f"config key '{prefix}.eps' must be > 0; got {o.eps!r}")
+
+
+def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozenset()) -> None:
+    """Cross-field checks that the type system cannot express. ``explicit``: the dotted keys the
+    user set (file or overrides), for checks that only apply to an explicit request."""
+    from alignshift.losses.objective import BASE_LOSSES, make_objective
+    from alignshift.losses.penalties import PENALTIES
+    from alignshift.losses.weighting import WEIGHTING_RULES
 
     names = [m.name for m in cfg.methods]
     if not names:
@@ -333,6 +445,10 @@ def validate(cfg: ExperimentConfig) -> None:
                            weighting_kwargs=m.weighting_kwargs, penalty_kwargs=m.penalty_kwargs)
         except ValueError as e:
             raise ConfigError(f"config key 'methods.{i}' ({m.name}): {e}") from None
+        _check_hparams(f"methods.{i}.base_kwargs", BASE_LOSSES[m.base].fn, m.base_kwargs)
+        _check_hparams(f"methods.{i}.weighting_kwargs", WEIGHTING_RULES[m.weighting].fn, m.weighting_kwargs)
+        if m.penalty is not None:
+            _check_hparams(f"methods.{i}.penalty_kwargs", PENALTIES[m.penalty], m.penalty_kwargs)
         if m.example_weights not in ("", "true_density_ratio"):
             raise ConfigError(f"config key 'methods.{i}.example_weights' must be '' or 'true_density_ratio'; "
                               f"got {m.example_weights!r}")
@@ -351,3 +467,46 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("config key 'model.num_attention_heads' must be divisible by 'model.num_key_value_heads'")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16; got {cfg.model.dtype!r}")
+    _validate_reliability(cfg, explicit, BASE_LOSSES, WEIGHTING_RULES)
+
+
+def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTING_RULES) -> None:
+    """Impossible combinations and out-of-range loop/data settings (issue 10)."""
+    from alignshift.data.schema import TRUNCATION_POLICIES
+
+    for key, low in (("train.log_every", 1), ("train.eval_every", 0), ("train.checkpoint_every", 0),
+                     ("train.max_consecutive_nonfinite", 1), ("train.val_batch_size", 1),
+                     ("data.max_prompt_len", 1), ("data.max_completion_len", 1)):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < low:
+            raise ConfigError(f"config key {key!r} must be >= {low}; got {v}")
+    _check_optim("sft.optim", cfg.sft.optim)
+    _check_optim("train.optim", cfg.train.optim)
+    if cfg.data.truncation not in TRUNCATION_POLICIES:
+        raise ConfigError(f"config key 'data.truncation' must be one of {TRUNCATION_POLICIES}; "
+                          f"got {cfg.data.truncation!r}")
+    uses_ref = [m.name for m in cfg.methods if BASE_LOSSES[m.base].needs_reference]
+    if not uses_ref:
+        free = sorted({m.base for m in cfg.methods})
+        if "train.precompute_reference" in explicit and cfg.train.precompute_reference:
+            raise ConfigError(f"config key 'train.precompute_reference' is true, but every method's base loss "
+                              f"{free} is reference-free: there are no reference log-probs to precompute "
+                              "(drop the key or set it to false)")
+        if cfg.train.reference_cache_dir:
+            raise ConfigError(f"config key 'train.reference_cache_dir' is set, but every method's base loss "
+                              f"{free} is reference-free: nothing would be cached")
+    n_val = cfg.data.scenario_kwargs.get("n_val") if not cfg.data.dataset else None
+    for i, m in enumerate(cfg.methods):
+        needs_val = WEIGHTING_RULES[m.weighting].needs_val
+        if needs_val and n_val is not None and n_val < 1:
+            raise ConfigError(f"config key 'methods.{i}.weighting' ({m.name}): {m.weighting!r} needs a "
+                              f"deployment/validation set, but 'data.scenario_kwargs.n_val' is {n_val}")
+        if m.train_data in ("val", "train+val") and n_val is not None and n_val < 1:
+            raise ConfigError(f"config key 'methods.{i}.train_data' ({m.name}) is {m.train_data!r}, but "
+                              f"'data.scenario_kwargs.n_val' is {n_val}")
+        if cfg.data.dataset and (needs_val or m.train_data in ("val", "train+val")):
+            vr = cfg.data.dataset_kwargs.get("val_ratio", None)
+            if vr is not None and not vr:
+                raise ConfigError(f"config key 'methods.{i}' ({m.name}) needs a validation set, but "
+                                  f"'data.dataset_kwargs.val_ratio' is {vr!r}")

@@ -40,6 +40,8 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# safetensors header dtypes we can load (cast to the target param dtype as they are read)
+_FLOAT_STORAGE = {"F64", "F32", "F16", "BF16"}
 
 
 def _architecture(model_type: str, where: str):
@@ -101,7 +103,23 @@ class LazySafetensors(Mapping):
         missing = sorted({f for f in self._files.values() if not os.path.isfile(f)})
         if missing:
             raise FileNotFoundError(f"{path}: index lists missing shard file(s) {missing}")
+        self._check_dtypes()
         self._dtype = dtype
+
+    def _check_dtypes(self) -> None:
+        """Every tensor must be stored as a float (reads only the file headers): an integer or
+        boolean tensor (a quantized or corrupt checkpoint) would be cast to garbage silently."""
+        from safetensors import safe_open
+
+        for file in sorted(set(self._files.values())):
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    dt = f.get_slice(name).get_dtype()
+                    if dt not in _FLOAT_STORAGE:
+                        raise ValueError(
+                            f"{file}: tensor {name!r} is stored as {dt}, not a floating-point dtype "
+                            f"({sorted(_FLOAT_STORAGE)}); quantized or corrupt checkpoints are not supported"
+                        )
 
     def __getitem__(self, k: str) -> _LazyTensor:
         return _LazyTensor(self._files[k], k, self._dtype)
@@ -130,6 +148,12 @@ def load_hf_model(
     hf_cfg = read_hf_config(path)
     mod, cfg_cls, model_cls = _architecture(hf_cfg["model_type"], path)
     param_dtype = dtype if param_dtype is None else param_dtype
+    for what, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if not jnp.issubdtype(jnp.dtype(dt), jnp.floating):
+            raise ValueError(f"load_hf_model({path!r}): {what} must be a floating-point dtype, got {jnp.dtype(dt)}")
+    declared = hf_cfg.get("dtype", hf_cfg.get("torch_dtype"))
+    if declared is not None and declared not in (*_DTYPES, "float64", "auto"):
+        raise ValueError(f"{path}/config.json: key 'dtype' is {declared!r}; supported: {sorted(_DTYPES)}")
     weights = LazySafetensors(path, dtype=param_dtype)
     try:
         cfg = cfg_cls.from_hf(hf_cfg)

@@ -22,6 +22,7 @@ from alignshift import __version__
 from alignshift.cli import prepare_out_dir
 from alignshift.config import ExperimentConfig, to_dict
 from alignshift.data import encode_pairs, encode_prompts, make_scenario
+from alignshift.data.schema import DataError, SkippedRows, check_lengths, validate_example
 from alignshift.eval.report import aggregate_seeds, format_table, plot_training_curves, read_jsonl, write_json_atomic
 from alignshift.eval.shift_eval import preference_accuracy, sample_and_score, win_rate
 from alignshift.train.metrics import JsonlWriter
@@ -81,6 +82,53 @@ class SeedContext:
         return jax.random.PRNGKey(10_000 + self.seed)
 
 
+def _token_counter(tok):
+    """``count(kind, text)``: tokens of a prompt (bos included) or completion (eos included)."""
+    def count(kind, text):
+        if hasattr(tok, "bos_id"):  # our WordTokenizer
+            return len(tok.encode(text, add_bos=True)) if kind == "prompt" else len(tok.encode(text)) + 1
+        return len(tok(text, add_special_tokens=(kind == "prompt"))["input_ids"]) + (kind == "completion")
+    return count
+
+
+def clean_splits(data, dcfg, tok, name: str):
+    """Validate the train/val/test rows of ``data`` (``data.skip_bad_rows``, ``data.truncation``):
+    the first bad row raises :class:`DataError` naming ``<name>/<split> row i`` and the field, or,
+    with ``skip_bad_rows``, bad (and, unless truncating, over-long) rows are dropped, counted,
+    printed and recorded in ``data.info["skipped_rows"]``. Returns ``data`` with the kept rows."""
+    report, count, kept = SkippedRows(), _token_counter(tok), {}
+    policy = "skip" if (dcfg.truncation == "error" and dcfg.skip_bad_rows) else dcfg.truncation
+    for split in ("train", "val", "test"):
+        rows = getattr(data, split, None)
+        if not isinstance(rows, list):
+            continue
+        src, idx, exs = f"{name}/{split}", [], []
+        for i, r in enumerate(rows):
+            try:
+                exs.append(validate_example(r, i, source=src))
+                idx.append(i)
+            except DataError as e:
+                if not dcfg.skip_bad_rows:
+                    raise
+                report.add(src, e)
+        kept[split] = check_lengths(exs, count, max_prompt_len=dcfg.max_prompt_len,
+                                    max_completion_len=dcfg.max_completion_len, policy=policy, source=src,
+                                    report=report, indices=idx)
+        if rows and not kept[split]:
+            raise DataError(f"{src}: no valid rows left ({report.by_source.get(src, 0)} skipped)")
+    if report.count:
+        print(f"data: {report.summary()}", flush=True)
+        if isinstance(getattr(data, "info", None), dict):
+            data.info["skipped_rows"] = {"count": report.count, "by_source": dict(report.by_source)}
+    if all(kept[k] is getattr(data, k) or kept[k] == getattr(data, k) for k in kept):
+        return data
+    if dataclasses.is_dataclass(data):
+        return dataclasses.replace(data, **kept)
+    for k, v in kept.items():
+        setattr(data, k, v)
+    return data
+
+
 def prepare_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWriter, extra_sets=None) -> SeedContext:
     """Build the scenario, SFT the reference, encode the data sets every configured method
     needs (plus ``extra_sets(data) -> {name: examples}``) and precompute their reference
@@ -88,6 +136,7 @@ def prepare_seed(cfg: ExperimentConfig, seed: int, out_dir: str, writer: JsonlWr
     seed_dir = os.path.join(out_dir, f"seed_{seed}")
     data = make_scenario(cfg.data.scenario, seed=seed, **cfg.data.scenario_kwargs)
     tok = data.tokenizer
+    data = clean_splits(data, cfg.data, tok, cfg.data.dataset or cfg.data.scenario)
     enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
     wanted = {m.train_data for m in cfg.methods}
     needs_val = any(objective_for(m).needs_val for m in cfg.methods) or wanted & {"val", "train+val"}

@@ -122,6 +122,7 @@ def run_sft(
         writer=writer,
         checkpointer=ckpt,
         desc="sft",
+        max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite,
     )
     if ckpt:
         ckpt.close()
@@ -212,6 +213,7 @@ def run_preference(
         eval_every=cfg.train.eval_every,
         val_iterator=val_it,
         desc=method.name,
+        max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite,
     )
     if ckpt:
         ckpt.close()
