@@ -143,3 +143,40 @@ def test_bad_penalty_config():
         make_objective("dpo", penalty="wdpo", penalty_kwargs={"penalty": "sqrt"})
     with pytest.raises(ValueError, match="without a penalty"):
         make_objective("dpo", penalty_kwargs={"rho": 1.0})
+
+
+@pytest.mark.parametrize("mode,tol", [("forward_over_reverse", 1e-4), ("finite_difference", 2e-2)])
+@pytest.mark.parametrize("kind", ["squared_mean", "sqrt_mean"])
+def test_first_order_gradient_matches_exact(tiny, kind, mode, tol):
+    """gradient='forward_over_reverse' (jvp of the gradient) = double back-propagation to
+    rounding; 'finite_difference' (two first-order passes, default fd_eps) to O(fd_eps)."""
+    g, params, rest, batch = tiny
+    tx = optax.sgd(1.0)
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
+    kw = {"rho": 0.5, "penalty": kind}
+    exact = make_preference_step(g, rest, tx, make_objective("dpo", penalty="wdpo", penalty_kwargs=kw))
+    fd = make_preference_step(g, rest, tx, make_objective(
+        "dpo", penalty="wdpo", penalty_kwargs={**kw, "gradient": mode}))
+    plain = make_preference_step(g, rest, tx, make_objective("dpo"))
+    upd = {}
+    for name, step in (("exact", exact), ("fd", fd), ("plain", plain)):
+        s, m = step(init_state(copy(params), tx), batch)
+        upd[name] = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                                    zip(jax.tree_util.tree_leaves(s["params"]), jax.tree_util.tree_leaves(params))])
+        if name != "plain":
+            upd[name + "_m"] = {k: float(v) for k, v in m.items()}
+    np.testing.assert_allclose(upd["fd_m"]["loss"], upd["exact_m"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(upd["fd_m"]["penalty"], upd["exact_m"]["penalty"], rtol=1e-5)
+    pen_exact, pen_fd = upd["exact"] - upd["plain"], upd["fd"] - upd["plain"]
+    assert np.linalg.norm(pen_exact) > 0.05 * np.linalg.norm(upd["plain"])  # the penalty matters here
+    assert np.linalg.norm(pen_fd - pen_exact) < tol * np.linalg.norm(pen_exact)
+
+
+def test_first_order_modes_need_plain_mean(tiny):
+    g, params, rest, batch = tiny
+    tx = optax.sgd(0.1)
+    obj = make_objective("dpo", weighting="kl_dro", penalty="wdpo", penalty_kwargs={"gradient": "finite_difference"})
+    with pytest.raises(ValueError, match="finite_difference.*uniform"):
+        make_preference_step(g, rest, tx, obj)(init_state(params, tx), batch)
+    with pytest.raises(ValueError, match="gradient mode"):
+        make_objective("dpo", penalty="wdpo", penalty_kwargs={"gradient": "fd"})

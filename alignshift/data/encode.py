@@ -34,7 +34,7 @@ import numpy as np
 from .schema import DataError, PreferenceExample, validate_examples
 from .tokenizer import WordTokenizer
 
-__all__ = ["encode_completions", "encode_prompts", "encode_pairs", "PAIR_KEYS"]
+__all__ = ["encode_completions", "encode_prompts", "encode_pairs", "encode_lists", "PAIR_KEYS", "LIST_KEYS"]
 
 #: Exact keys returned by :func:`encode_pairs`.
 PAIR_KEYS: tuple[str, ...] = (
@@ -161,3 +161,60 @@ def encode_pairs(
         out[f"{prefix}_loss_mask"] = enc["loss_mask"]
     out.update(encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len))
     return {k: out[k] for k in PAIR_KEYS}
+
+
+#: Exact keys returned by :func:`encode_lists`.
+LIST_KEYS: tuple[str, ...] = (
+    "cand_input_ids", "cand_attention_mask", "cand_loss_mask", "cand_scores", "prompt_ids", "prompt_mask",
+)
+
+
+def encode_lists(
+    tokenizer: WordTokenizer,
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]] | None = None,
+    *,
+    max_prompt_len: int,
+    max_completion_len: int,
+) -> dict[str, np.ndarray]:
+    """Encode K candidate completions per prompt (listwise losses: Plackett–Luce, RRHF, LIRE).
+
+    ``cand_{input_ids,attention_mask,loss_mask}``: int32 ``[N, K, T]``, row ``(i, k)`` laid out
+    exactly as :func:`encode_completions` of ``(prompts[i], candidates[i][k])``;
+    ``cand_scores``: float32 ``[N, K]`` (the judge's rewards, higher = better; zeros when
+    ``scores`` is None, i.e. the candidates are already ranked best first);
+    ``prompt_*``: :func:`encode_prompts` of the prompts. K must be the same for every prompt
+    and at least 2; every candidate a non-empty string; scores finite — else
+    :class:`DataError` naming the row and the field.
+    """
+    _check_lens(max_prompt_len=max_prompt_len, max_completion_len=max_completion_len)
+    n = len(prompts)
+    if len(candidates) != n:
+        raise ValueError(f"got {n} prompts but {len(candidates)} candidate lists")
+    if scores is not None and len(scores) != n:
+        raise ValueError(f"got {n} prompts but {len(scores)} score lists")
+    k = len(candidates[0]) if n else 2
+    for i in range(n):
+        if not isinstance(prompts[i], str) or not prompts[i].strip():
+            raise DataError(f"row {i}: field 'prompt' is empty or not a str")
+        if len(candidates[i]) != k or k < 2:
+            raise DataError(f"row {i}: field 'candidates' has {len(candidates[i])} items; every row needs the same K >= 2 "
+                            f"(row 0 has {k})")
+        for j, c in enumerate(candidates[i]):
+            if not isinstance(c, str) or not c.strip():
+                raise DataError(f"row {i}: field 'candidates[{j}]' is empty or not a str")
+        if scores is not None:
+            sc = np.asarray(scores[i], dtype=np.float64)
+            if sc.shape != (k,) or not np.all(np.isfinite(sc)):
+                raise DataError(f"row {i}: field 'scores' must be {k} finite numbers; got {list(scores[i])}")
+    kw = dict(max_prompt_len=max_prompt_len, max_completion_len=max_completion_len)
+    flat_p = [p for p in prompts for _ in range(k)]
+    flat_c = [c for cs in candidates for c in cs]
+    enc = encode_completions(tokenizer, flat_p, flat_c, **kw)
+    t = max_prompt_len + max_completion_len
+    out = {f"cand_{f}": enc[f].reshape(n, k, t) for f in ("input_ids", "attention_mask", "loss_mask")}
+    out["cand_scores"] = (np.zeros((n, k), np.float32) if scores is None
+                          else np.asarray(scores, dtype=np.float32).reshape(n, k))
+    out.update(encode_prompts(tokenizer, list(prompts), max_prompt_len=max_prompt_len))
+    return {key: out[key] for key in LIST_KEYS}

@@ -28,7 +28,17 @@ ipo        IPO; ``length_normalize=True`` (default) uses per-token mean log-prob
 hinge      SLiC hinge
 simpo      SimPO, reference-free, mean log-probs, margin γ
 kto        KTO on paired data, reference point from mismatched completions
+pl         listwise Plackett–Luce DPO over K candidates (:mod:`alignshift.losses.listwise`)
+rrhf       listwise RRHF (ranking hinge on length-normalised log-probs + SFT term)
+lire       listwise LIRE (softmax of log-probs vs softmax of judge scores)
 =========  ==========================================================================
+
+Listwise bases read ``[B, K]`` inputs ``policy_logps``, ``reference_logps``, ``n_tokens`` and
+``scores`` (the judge's rewards; see :func:`alignshift.train.steps.policy_inputs` for the
+``cand_*`` batch layout). Given pairwise inputs instead they treat each pair as a list of
+K = 2 ranked ``(chosen, rejected)`` (scores ``(1, 0)``), so a listwise objective also scores
+held-out pairs. Weighting rules with ``needs_source`` (DoRA) also read ``source_prob`` /
+``source_share`` (``[B, K]``) from the inputs.
 """
 
 from __future__ import annotations
@@ -39,9 +49,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from alignshift.losses.listwise import lire_terms, plackett_luce_terms, rank_by_scores, rrhf_terms
 from alignshift.losses.logps import mean_logps
 from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
-from alignshift.losses.penalties import PENALTIES, PENALTY_KINDS
+from alignshift.losses.penalties import GRADIENT_MODES, PENALTIES, PENALTY_KINDS
 from alignshift.losses.weighting import WEIGHTING_RULES, normalize_weights, weight_stats
 
 __all__ = ["BASE_LOSSES", "Objective", "make_objective"]
@@ -100,11 +111,51 @@ def _kto(inputs, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, axis
     return t, {"kl": z0}
 
 
+def _lists(inputs, needs_reference=True):
+    """``(policy, reference, n_tokens, scores)`` as ``[B, K]`` from listwise inputs, or from
+    pairwise inputs as ranked K = 2 lists (chosen first, scores ``(1, 0)``)."""
+    if "policy_logps" in inputs:
+        ref = inputs["reference_logps"] if needs_reference else None
+        return inputs["policy_logps"], ref, inputs["n_tokens"], inputs.get("scores")
+    pol = jnp.stack([inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]], -1)
+    ref = (jnp.stack([inputs["reference_chosen_logps"], inputs["reference_rejected_logps"]], -1)
+           if needs_reference else None)
+    n = jnp.stack([inputs["chosen_n_tokens"], inputs["rejected_n_tokens"]], -1)
+    scores = jnp.broadcast_to(jnp.asarray([1.0, 0.0], jnp.float32), pol.shape)
+    return pol, ref, n, scores
+
+
+def _pl(inputs, *, beta=0.1, reduction="mean"):
+    pol, ref, _, scores = _lists(inputs)
+    return plackett_luce_terms(pol, ref, scores, beta=beta, reduction=reduction), {}
+
+
+def _rrhf(inputs, *, sft_weight=1.0, sft_candidate="best", sft_length=None):
+    pol, _, n, scores = _lists(inputs, needs_reference=False)
+    return rrhf_terms(pol, n, scores, sft_weight=sft_weight, sft_candidate=sft_candidate, sft_length=sft_length), {}
+
+
+def _lire(inputs, *, temperature=2.0):
+    pol, _, _, scores = _lists(inputs, needs_reference=False)
+    if scores is None:
+        raise ValueError("base loss 'lire' needs the candidates' judge scores (inputs['scores'])")
+    return lire_terms(pol, scores, temperature=temperature), {}
+
+
+def _pair_logps(inputs):
+    """Policy log-probs of (chosen, rejected), or of the best / worst-scored candidate."""
+    if "policy_chosen_logps" in inputs:
+        return inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]
+    lp, = rank_by_scores(inputs.get("scores"), jax.lax.stop_gradient(inputs["policy_logps"]))
+    return lp[:, 0], lp[:, -1]
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseLossSpec:
     fn: Callable[..., tuple[PreferenceTerms, dict]]
     needs_reference: bool = True
     needs_kl_completions: bool = False
+    listwise: bool = False  # reads [B, K] candidate lists (train steps use the cand_* layout)
 
 
 BASE_LOSSES: dict[str, BaseLossSpec] = {
@@ -115,6 +166,9 @@ BASE_LOSSES: dict[str, BaseLossSpec] = {
     "hinge": BaseLossSpec(_dpo_like("hinge")),
     "simpo": BaseLossSpec(_simpo, needs_reference=False),
     "kto": BaseLossSpec(_kto, needs_kl_completions=True),
+    "pl": BaseLossSpec(_pl, listwise=True),
+    "rrhf": BaseLossSpec(_rrhf, needs_reference=False, listwise=True),
+    "lire": BaseLossSpec(_lire, needs_reference=False, listwise=True),
 }
 
 
@@ -148,6 +202,14 @@ class Objective:
         return BASE_LOSSES[self.base].needs_kl_completions
 
     @property
+    def listwise(self) -> bool:
+        return BASE_LOSSES[self.base].listwise
+
+    @property
+    def needs_source(self) -> bool:
+        return WEIGHTING_RULES[self.weighting].needs_source
+
+    @property
     def needs_val(self) -> bool:
         return WEIGHTING_RULES[self.weighting].needs_val
 
@@ -169,7 +231,10 @@ class Objective:
         data_w = jax.lax.stop_gradient(inputs["weight"].astype(jnp.float32)) if "weight" in inputs else None
         if rule.reduce is not None:  # log-mean-exp style: the objective is the reduction itself
             losses = terms.losses if data_w is None else data_w * terms.losses
-            loss = rule.reduce(losses, **self.weighting_kwargs)
+            if rule.reduce_needs_aux:
+                loss = rule.reduce(losses, aux=inputs, **self.weighting_kwargs)
+            else:
+                loss = rule.reduce(losses, **self.weighting_kwargs)
             w = jax.lax.stop_gradient(rule.fn(losses, val_features=val_feats, aux=inputs, **self.weighting_kwargs))
         else:
             w = rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs)
@@ -177,7 +242,7 @@ class Objective:
             if data_w is not None:  # per-example data weights, combined multiplicatively
                 w = w * data_w
             loss = jnp.mean(w * terms.losses)
-        metrics = {"loss": loss, **pair_metrics(terms, inputs["policy_chosen_logps"], inputs["policy_rejected_logps"])}
+        metrics = {"loss": loss, **pair_metrics(terms, *_pair_logps(inputs))}
         metrics.update(extra)
         metrics.update(weight_stats(w))
         return loss, metrics
@@ -214,6 +279,9 @@ def make_objective(
         _check_kwargs("penalty", penalty, PENALTIES[penalty], penalty_kwargs)
         if penalty_kwargs.get("penalty", "squared_mean") not in PENALTY_KINDS:
             raise ValueError(f"penalty {penalty!r}: penalty_kwargs penalty= must be one of {PENALTY_KINDS}")
+        if penalty_kwargs.get("gradient", "exact") not in GRADIENT_MODES:
+            raise ValueError(f"penalty {penalty!r}: unknown WDPO gradient mode {penalty_kwargs['gradient']!r}; "
+                             f"choose one of {GRADIENT_MODES}")
     elif penalty_kwargs:
         raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
     return Objective(base, weighting, base_kwargs, weighting_kwargs, penalty, penalty_kwargs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PENALTIES", "wdpo_pair_penalties", "wdpo_penalty"]
+__all__ = ["PENALTIES", "GRADIENT_MODES", "wdpo_pair_penalties", "wdpo_penalty"]
 
 PENALTY_KINDS = ("squared_mean", "sqrt_mean")
 
@@ -32,10 +32,26 @@ def wdpo_pair_penalties(embed_grads: jax.Array, n_pairs: int) -> jax.Array:
     return sq[:n_pairs] + sq[n_pairs : 2 * n_pairs]
 
 
-def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, penalty: str = "squared_mean"):
-    """``(penalty scalar, P_i [n_pairs])`` — see the module docstring."""
+GRADIENT_MODES = ("exact", "forward_over_reverse", "finite_difference")
+
+
+def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, penalty: str = "squared_mean",
+                 gradient: str = "exact", fd_eps: float = 1e-4):
+    """``(penalty scalar, P_i [n_pairs])`` — see the module docstring.
+
+    ``gradient`` and ``fd_eps`` do not change the value; the train step reads them to choose
+    how the penalty's parameter gradient is taken: ``"exact"`` (double back-propagation, the
+    authors' ``create_graph=True``), ``"forward_over_reverse"`` (the same gradient, exact, as a
+    Jacobian-vector product of the first-order gradient: one backward, then one
+    forward-mode pass over it) or ``"finite_difference"`` (two first-order passes,
+    ``∇θP ≈ [∇θΣL(e + εv) − ∇θΣL(e)]/ε`` with ``v = ∂P/∂g`` and ``‖εv‖ = fd_eps·‖e‖``; see
+    :func:`alignshift.train.steps.wdpo_first_order_grads`)."""
     if penalty not in PENALTY_KINDS:
         raise ValueError(f"unknown WDPO penalty {penalty!r}; choose one of {PENALTY_KINDS}")
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"unknown WDPO gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
+    if not fd_eps > 0:
+        raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
     p = wdpo_pair_penalties(embed_grads, n_pairs)
     m = p.mean()
     # sqrt with a safe gradient at 0 (all-zero gradients, e.g. a saturated batch)

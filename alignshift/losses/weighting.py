@@ -34,6 +34,16 @@ __all__ = [
     "kl_dro_weights",
     "dr_dpo_weights",
     "dr_dpo_objective",
+    "log_mean_exp",
+    "dora_calibration",
+    "dora_pair_weights",
+    "dora_objective",
+    "dora_weights",
+    "dora_reduce",
+    "dro_weights",
+    "dro_reduce",
+    "dora_reweight_weights",
+    "DORA_FORMS",
     "normalize_weights",
     "weight_stats",
 ]
@@ -177,6 +187,158 @@ def iw_weights(
     return w
 
 
+# ----------------------------------------------------------------------------------- DoRA
+DORA_FORMS = ("spec", "lire_code", "rrhf_code")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def log_mean_exp(a: jax.Array, lam: float = 1.0) -> jax.Array:
+    """``λ·log mean_i exp(a_i/λ)`` of a vector, accurate for every ``λ > 0``.
+
+    Computed as ``ā + λ·log mean exp((a − ā)/λ)`` (an exact identity). When the centred
+    exponents are small the inner term is ``λ·log1p(mean(expm1(x)))``, which keeps its relative
+    precision as ``λ → ∞`` (the naive ``λ·(logsumexp(a/λ) − log n)`` loses all digits of the
+    mean to cancellation in float32 for ``λ ≳ 10⁴``); otherwise the max-shifted
+    ``logsumexp − log n``. The gradient is ``softmax(a/λ)`` either way.
+    """
+    a = jnp.asarray(a)
+    n = a.shape[0]
+    c = jnp.mean(a)
+    x = (a - c) / lam
+    small = lam * jnp.log1p(jnp.mean(jnp.expm1(jnp.minimum(x, 30.0))))
+    big = lam * (jax.nn.logsumexp(x) - jnp.log(n))
+    return c + jnp.where(jnp.max(x) < 30.0, small, big)
+
+
+def dora_calibration(p, *, alpha, source_share, eps: float = 1e-6):
+    """DoRA's calibration weight per response (algorithms.md §4.2):
+
+        h̃ = 1 / (α + a·(1 − p)/p)  =  p / (α·p + a·(1 − p))
+
+    * ``p`` — the classifier's probability that the response comes from the TARGET
+      distribution (precomputed, a constant);
+    * ``alpha`` — the target share α of the training mixture, in (0, 1];
+    * ``source_share`` — ``a``, the mixture share of the response's source (per response,
+      broadcastable to ``p``): the authors' code passes each candidate slot's coefficient;
+      with a single pooled target-vs-all-sources classifier ``a = 1 − α`` makes ``h̃`` the
+      exact density ratio ``dQ₀/dP`` for a class-balanced classifier.
+
+    ``h̃`` lies in ``[0, 1/α]`` (``p → 1`` gives ``1/α``, ``p → 0`` gives 0): α is the paper's
+    stabiliser. ``p`` is clipped to ``[eps, 1]``. Returns float32 (or the input's float dtype),
+    detached.
+    """
+    if _is_concrete(alpha):
+        if not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"dora_calibration: alpha (target share) must be in (0, 1]; got {alpha}")
+    p = jnp.asarray(p)
+    p = p.astype(p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32)
+    a = jnp.asarray(source_share, p.dtype)
+    if _is_concrete(p) and _is_concrete(a):
+        if p.size and (jnp.any(~jnp.isfinite(p)) or jnp.any(p < 0) or jnp.any(p > 1)):
+            raise ValueError("dora_calibration: p (classifier probability of 'target') must be in [0, 1]")
+        if a.size and (jnp.any(~jnp.isfinite(a)) or jnp.any(a < 0)):
+            raise ValueError("dora_calibration: source_share must be finite and >= 0")
+    p = jax.lax.stop_gradient(jnp.clip(p, eps, 1.0))
+    a = jax.lax.stop_gradient(a)
+    return p / (alpha * p + a * (1.0 - p))
+
+
+def dora_pair_weights(aux: dict, *, alpha: float) -> jax.Array:
+    """Per-example (per pair / per prompt) weight ``H_j = mean_k h̃_{j,k}`` over the example's
+    responses (the authors' code for DPO, BT and PL), from ``aux["source_prob"]`` and
+    ``aux["source_share"]`` (``[B, K]``; K = 2 for pairs: chosen, rejected; or ``[B]``)."""
+    if aux is None or "source_prob" not in aux or "source_share" not in aux:
+        have = sorted(aux) if aux is not None else []
+        raise ValueError("DoRA needs the per-response classifier outputs 'source_prob' and 'source_share' "
+                         f"in the batch (see alignshift.rewards.source_classifier); the inputs hold {have}")
+    h = dora_calibration(aux["source_prob"], alpha=alpha, source_share=aux["source_share"])
+    return h.mean(-1) if h.ndim == 2 else h
+
+
+def dora_objective(losses, h, *, lam: float = 1.0, axis_name: str | None = None):
+    """The DoRA objective ``λ·log mean_i exp(h_i·ℓ_i/λ)`` (a scalar, differentiable in ``losses``).
+
+    Its gradient is ``Σ_i softmax(h·ℓ/λ)_i · h_i · ∇ℓ_i``: small λ puts the weight on the
+    worst calibrated losses, ``λ → ∞`` gives the calibrated mean ``mean(h·ℓ)``, one example
+    gives ``h·ℓ``. ``h`` is a constant (``stop_gradient``). The reduction runs over the axis the
+    losses are given on: under ``jit`` with a global batch, the global batch; called per
+    micro-batch, the micro-batch (the authors' script runs it on micro-batches of ONE prompt,
+    where it degenerates to pure reweighting). Under ``shard_map``/``pmap`` pass ``axis_name``
+    to reduce over the global batch.
+    """
+    if _is_concrete(lam) and not float(lam) > 0:
+        raise ValueError(f"dora_objective: lam must be > 0; got {lam}")
+    losses = jnp.asarray(losses)
+    h = jax.lax.stop_gradient(jnp.broadcast_to(jnp.asarray(h, losses.dtype), losses.shape))
+    return log_mean_exp(_global(h * losses, axis_name), lam)
+
+
+def _dora_loss(losses, aux, *, lam, alpha, calibrate, form, axis_name):
+    if form not in DORA_FORMS:
+        raise ValueError(f"unknown DoRA form {form!r}; choose one of {DORA_FORMS}")
+    if not calibrate:
+        return log_mean_exp(_global(losses, axis_name), lam)
+    if form == "spec":
+        return dora_objective(losses, dora_pair_weights(aux, alpha=alpha), lam=lam, axis_name=axis_name)
+    h = dora_calibration(aux["source_prob"], alpha=alpha, source_share=aux["source_share"])
+    L = _global(losses, axis_name)
+    h = _global(h, axis_name)
+    if form == "lire_code":  # λ·mean(h̃)·log mean_j exp(L_j/λ): calibration outside the log-mean-exp
+        return jnp.mean(h) * log_mean_exp(L, lam)
+    # rrhf_code: λ·log mean_{j,k} exp(h̃_{j,k}·L̄/λ), the weights multiply the batch-mean loss
+    return log_mean_exp(jnp.ravel(h) * jnp.mean(L), lam)
+
+
+def dora_reduce(losses, *, aux=None, lam: float = 1.0, alpha: float = 0.25, form: str = "spec",
+                axis_name: str | None = None):
+    """The ``dora`` rule's reduction. ``form="spec"`` (default): ``λ·log mean_j exp(H_j·ℓ_j/λ)``
+    with ``H_j = mean_k h̃_{j,k}`` (the model of §4.1; the authors' DPO/PL code). The authors'
+    other reductions, for parity: ``"lire_code"`` = ``λ·mean(h̃)·log mean_j exp(ℓ_j/λ)``,
+    ``"rrhf_code"`` = ``λ·log mean_{j,k} exp(h̃_{j,k}·mean_j ℓ_j/λ)`` (§4.2)."""
+    return _dora_loss(losses, aux, lam=lam, alpha=alpha, calibrate=True, form=form, axis_name=axis_name)
+
+
+def dora_weights(train_features, *, val_features=None, aux=None, lam: float = 1.0, alpha: float = 0.25,
+                 form: str = "spec", axis_name: str | None = None):
+    """Effective per-example gradient weights of :func:`dora_reduce` (``form="spec"``), for
+    logging: ``n·softmax(H·ℓ/λ)·H`` (the objective's gradient is ``mean_i w_i ∇ℓ_i``)."""
+    del val_features, form
+    L_local = jax.lax.stop_gradient(train_features)
+    H_local = dora_pair_weights(aux, alpha=alpha)
+    L, H = _global(L_local, axis_name), _global(H_local, axis_name)
+    w = L.shape[0] * jax.nn.softmax(H * L / lam) * H
+    return _local(w, L_local.shape[0], axis_name)
+
+
+def dro_reduce(losses, *, aux=None, lam: float = 1.0, axis_name: str | None = None):
+    """Vanilla KL-DRO at a fixed dual variable (DoRA's "DRO only" ablation):
+    ``λ·log mean_i exp(ℓ_i/λ)``, no calibration. Up-weights HIGH-loss examples (the opposite
+    of DR-DPO's soft-min)."""
+    del aux
+    return _dora_loss(losses, None, lam=lam, alpha=1.0, calibrate=False, form="spec", axis_name=axis_name)
+
+
+def dro_weights(train_features, *, val_features=None, aux=None, lam: float = 1.0, axis_name: str | None = None):
+    """Gradient weights of :func:`dro_reduce`: ``n·softmax(ℓ/λ)``."""
+    del val_features, aux
+    L_local = jax.lax.stop_gradient(train_features)
+    L = _global(L_local, axis_name)
+    return _local(L.shape[0] * jax.nn.softmax(L / lam), L_local.shape[0], axis_name)
+
+
+def dora_reweight_weights(train_features, *, val_features=None, aux=None, alpha: float = 0.25,
+                          normalize: bool = False):
+    """DoRA's "reweighting only" ablation: the objective is ``mean_j H_j·ℓ_j`` with the raw
+    calibration weights (``normalize=False``, as the ablation writes it); ``normalize=True``
+    rescales them to mean 1 per batch."""
+    del train_features, val_features
+    w = jax.lax.stop_gradient(dora_pair_weights(aux, alpha=alpha))
+    return normalize_weights(w) if normalize else w
+
+
 class WeightingRule(NamedTuple):
     """A registered rule: the function, which per-example features it reads, whether it needs
     a deployment/validation batch, whether it needs WPO's per-sequence term, and whether the
@@ -190,6 +352,10 @@ class WeightingRule(NamedTuple):
     # a log-mean-exp style reduction ``reduce(losses, **hp) -> scalar`` (with gradient); when
     # set, ``fn`` gives its effective per-example weights, for logging only
     reduce: Callable[..., jax.Array] | None = None
+    # the reduction also reads the batch's inputs: ``reduce(losses, aux=inputs, **hp)`` (DoRA)
+    reduce_needs_aux: bool = False
+    # reads the per-response classifier outputs ``source_prob`` / ``source_share`` ([B, K])
+    needs_source: bool = False
 
 
 WEIGHTING_RULES: dict[str, WeightingRule] = {
@@ -200,4 +366,10 @@ WEIGHTING_RULES: dict[str, WeightingRule] = {
     "kl_dro": WeightingRule(kl_dro_weights, features="loss", needs_val=False, normalize=False),
     "dr_dpo": WeightingRule(dr_dpo_weights, features="loss", needs_val=False, normalize=False,
                             reduce=dr_dpo_objective),
+    # DoRA (algorithms.md §4) and its two ablations: "DRO only" and "reweighting only"
+    "dora": WeightingRule(dora_weights, features="loss", needs_val=False, normalize=False,
+                          reduce=dora_reduce, reduce_needs_aux=True, needs_source=True),
+    "dro": WeightingRule(dro_weights, features="loss", needs_val=False, normalize=False, reduce=dro_reduce),
+    "dora_reweight": WeightingRule(dora_reweight_weights, features="none", needs_val=False, normalize=False,
+                                   needs_source=True),
 }
