@@ -136,6 +136,16 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None, None] & key_ok
 
 
+def cached_attention_mask(key_mask: jax.Array, index, n_new: int) -> jax.Array:
+    """Boolean mask [B, 1, n_new, S] for ``n_new`` queries written at cache slots
+    ``index .. index + n_new - 1``: key slot ``s`` is visible iff ``key_mask[b, s]`` and
+    ``s <= `` the query's slot (the KV-cache analogue of :func:`causal_padding_mask`)."""
+    S = key_mask.shape[-1]
+    q_slots = index + jnp.arange(n_new, dtype=jnp.int32)
+    causal = jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slots[:, None]
+    return causal[None, None] & key_mask.astype(jnp.bool_)[:, None, None, :]
+
+
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """float32 softmax over the last axis with boolean ``mask``; fully masked rows stay finite."""
     scores = jnp.where(mask, scores.astype(jnp.float32), MASK_VALUE)
@@ -192,6 +202,32 @@ class CausalLM:
         if positions is None:
             positions = positions_from_mask(attention_mask)
         return self._backbone(inputs_embeds, attention_mask, positions)
+
+    # ------------------------------------------------------------------ KV cache (optional)
+    @property
+    def supports_kv_cache(self) -> bool:
+        """True when the backbone offers ``init_cache`` / ``forward_cached`` (Llama does)."""
+        return hasattr(self._backbone, "forward_cached")
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """An empty KV cache for ``batch_size`` rows and ``max_len`` slots: a list with one
+        ``(k, v)`` pair of zeros [B, max_len, n_kv_heads, head_dim] per layer (a pytree)."""
+        if not self.supports_kv_cache:
+            raise NotImplementedError(f"{type(self).__name__} has no KV-cache path")
+        return self._backbone.init_cache(batch_size, max_len)
+
+    def forward_cached(self, input_ids: jax.Array, *, cache, index, key_mask: jax.Array,
+                       positions: jax.Array):
+        """Run ``input_ids`` [B, T] written at cache slots ``index .. index+T-1``.
+
+        ``key_mask`` [B, S] (S = cache length) marks the real slots (the new ones included);
+        ``positions`` [B, T] are the new tokens' rotary positions. Returns ``(float32 logits
+        [B, T, V], new_cache)``. Equals the no-cache forward of the whole sequence up to
+        float summation order (masked keys get exactly zero weight)."""
+        if not self.supports_kv_cache:
+            raise NotImplementedError(f"{type(self).__name__} has no KV-cache path")
+        h, cache = self._backbone.forward_cached(self.embed(input_ids), key_mask, positions, cache, index)
+        return self.logits_from_hidden(h), cache
 
     def __call__(self, input_ids: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None,

@@ -25,6 +25,7 @@ from flax import nnx
 from alignshift.models.layers import (
     apply_layer,
     apply_rotary,
+    cached_attention_mask,
     causal_padding_mask,
     CausalLM,
     masked_softmax,
@@ -227,6 +228,28 @@ class LlamaAttention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v)
         return self.o_proj(out.reshape(B, T, H * D))
 
+    def forward_cached(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
+                       k_cache: jax.Array, v_cache: jax.Array, index):
+        """KV-cache variant of ``__call__``: x [B,T,d] are the tokens at cache slots
+        ``index..index+T-1``; mask bool [B,1,T,S]; caches [B,S,KV,D]. Returns (out, k, v)."""
+        B, T, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        G = H // KV
+        q = self.q_proj(x).reshape(B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, KV, D)
+        v = self.v_proj(x).reshape(B, T, KV, D)
+        q = apply_rotary(q, cos, sin).astype(self.dtype).reshape(B, T, KV, G, D)
+        k = apply_rotary(k, cos, sin).astype(k_cache.dtype)
+        start = (0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k, start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        scores = scores * (D ** -0.5)
+        probs = masked_softmax(scores, mask[:, :, None])
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v_cache.astype(self.dtype))
+        return self.o_proj(out.reshape(B, T, H * D)), k_cache, v_cache
+
 
 class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -254,6 +277,12 @@ class LlamaDecoderLayer(nnx.Module):
     def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_cached(self, h, mask, cos, sin, k_cache, v_cache, index):
+        a, k_cache, v_cache = self.self_attn.forward_cached(self.input_layernorm(h), mask, cos, sin,
+                                                            k_cache, v_cache, index)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k_cache, v_cache
 
 
 
@@ -288,6 +317,25 @@ class LlamaModel(nnx.Module):
         for layer in self.layers:
             h = apply_layer(layer, h, mask, cos, sin, remat=c.remat)
         return self.norm(h)
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """Zero KV cache: one ``(k, v)`` pair [B, max_len, n_kv_heads, head_dim] per layer."""
+        c = self.config
+        shape = (int(batch_size), int(max_len), c.num_key_value_heads, c.head_dim)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+
+    def forward_cached(self, inputs_embeds: jax.Array, key_mask: jax.Array, positions: jax.Array,
+                       cache, index):
+        """Decoder stack over new tokens at cache slots ``index..`` (see ``CausalLM.forward_cached``)."""
+        c = self.config
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+        mask = cached_attention_mask(key_mask, index, inputs_embeds.shape[1])
+        h = inputs_embeds.astype(self.dtype)
+        new_cache = []
+        for layer, (kc, vc) in zip(self.layers, cache):
+            h, kc, vc = layer.forward_cached(h, mask, cos, sin, kc, vc, index)
+            new_cache.append((kc, vc))
+        return self.norm(h), new_cache
 
 
 class LlamaForCausalLM(CausalLM, nnx.Module):

@@ -1,10 +1,18 @@
 """Batched, jitted autoregressive sampling for left-padded prompts.
 
-No KV cache: a fixed-size token buffer [B, P + max_new_tokens] is kept and the
-full forward pass is recomputed at every step (fine for short prompts and
-responses). The whole decode loop is one ``jax.lax.while_loop`` under a single
-``jax.jit``; compiled functions are cached per (GraphDef, static settings), so
-repeated calls with the same shapes do not recompile.
+Two decoders, same results (greedy tokens identical, logits equal up to float summation
+order; ``tests/test_kv_cache.py``):
+
+* **KV cache** (default when the model has one, ``model.supports_kv_cache``: Llama): one
+  prefill forward over the prompt fills a per-layer key/value cache of ``P + max_new_tokens``
+  slots, then each step runs the model on the ONE new token at its slot
+  (``model.forward_cached``), attending to the cached keys/values.
+* **No cache** (``use_cache=False``, or models without a cache path): a fixed-size token
+  buffer [B, P + max_new_tokens] is kept and the full forward pass is recomputed every step.
+
+Either way the whole decode loop is one ``jax.lax.while_loop`` under a single ``jax.jit``;
+compiled functions are cached per (GraphDef, static settings), so repeated calls with the
+same shapes do not recompile.
 """
 
 from __future__ import annotations
@@ -58,9 +66,11 @@ def _normalize_eos(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
 
 
 def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool,
-           use_top_p: bool):
+           use_top_p: bool, use_cache: bool = True):
     def run(state, prompt_ids, prompt_mask, key, temperature, top_p):
         model = nnx.merge(graphdef, state)
+        if use_cache and getattr(model, "supports_kv_cache", False):
+            return _run_cached(model, prompt_ids, prompt_mask, key, temperature, top_p)
         B, P = prompt_ids.shape
         N = max_new_tokens
         L = P + N
@@ -92,6 +102,50 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
         _, tokens, mask, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, mask, done0))
         return tokens[:, P:], mask[:, P:]
 
+    def _run_cached(model, prompt_ids, prompt_mask, key, temperature, top_p):
+        B, P = prompt_ids.shape
+        N = max_new_tokens
+        L = P + N
+        prompt_mask = prompt_mask.astype(jnp.int32)
+        prompt_ids = jnp.where(prompt_mask > 0, prompt_ids.astype(jnp.int32), pad_id)
+        tokens = jnp.full((B, L), pad_id, jnp.int32).at[:, :P].set(prompt_ids)
+        mask = jnp.zeros((B, L), jnp.int32).at[:, :P].set(prompt_mask)
+        eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+        def emit(i, logits_last, tokens, mask, done):
+            """Sample token ``i`` (slot P+i) from the logits of slot P+i-1."""
+            nxt = sample_logits(logits_last, jax.random.fold_in(key, i), temperature=temperature,
+                                top_p=top_p, greedy=greedy, use_top_p=use_top_p)
+            alive = ~done
+            nxt = jnp.where(alive, nxt, pad_id)
+            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, P + i, axis=1)
+            mask = jax.lax.dynamic_update_index_in_dim(mask, alive.astype(jnp.int32), P + i, axis=1)
+            hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(done)
+            return tokens, mask, done | (alive & hit_eos)
+
+        # prefill: the whole (left-padded) prompt in one forward, filling slots 0..P-1
+        cache = model.init_cache(B, L)
+        logits, cache = model.forward_cached(prompt_ids, cache=cache, index=0, key_mask=mask,
+                                             positions=positions_from_mask(prompt_mask))
+        tokens, mask, done = emit(0, logits[:, -1], tokens, mask, jnp.zeros((B,), jnp.bool_))
+
+        def cond(carry):
+            i, _, _, done, _ = carry
+            return (i < N) & ~jnp.all(done)
+
+        def body(carry):
+            i, tokens, mask, done, cache = carry
+            slot = P + i - 1  # the newest token: feed it, predict slot P + i
+            tok = jax.lax.dynamic_slice_in_dim(tokens, slot, 1, axis=1)
+            pos = jnp.maximum(jnp.sum(jnp.where(jnp.arange(L)[None, :] <= slot, mask, 0), axis=1) - 1, 0)
+            logits, cache = model.forward_cached(tok, cache=cache, index=slot, key_mask=mask,
+                                                 positions=pos[:, None].astype(jnp.int32))
+            tokens, mask, done = emit(i, logits[:, 0], tokens, mask, done)
+            return i + 1, tokens, mask, done, cache
+
+        _, tokens, mask, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, mask, done, cache))
+        return tokens[:, P:], mask[:, P:]
+
     return jax.jit(run)
 
 
@@ -100,17 +154,22 @@ def _build_cached(graphdef, max_new_tokens, eos_ids, pad_id, greedy, use_top_p):
     return _build(graphdef, max_new_tokens, eos_ids, pad_id, greedy, use_top_p)
 
 
-def _get_fn(graphdef, *static):
+@functools.lru_cache(maxsize=32)
+def _build_cached_nocache(graphdef, max_new_tokens, eos_ids, pad_id, greedy, use_top_p):
+    return _build(graphdef, max_new_tokens, eos_ids, pad_id, greedy, use_top_p, use_cache=False)
+
+
+def _get_fn(graphdef, *static, use_cache: bool = True):
     try:
         hash(graphdef)
     except TypeError:  # unhashable static attribute somewhere in the module: no caching
-        return _build(graphdef, *static)
-    return _build_cached(graphdef, *static)
+        return _build(graphdef, *static, use_cache=use_cache)
+    return (_build_cached if use_cache else _build_cached_nocache)(graphdef, *static)
 
 
 def generate(model: nnx.Module, prompt_ids, prompt_mask, *, key: jax.Array, max_new_tokens: int,
              eos_id: int | Sequence[int] | None, pad_id: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+             top_p: float = 1.0, greedy: bool = False, use_cache: bool = True) -> tuple[jax.Array, jax.Array]:
     """Sample continuations for LEFT-padded prompts.
 
     Args:
@@ -120,6 +179,8 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, key: jax.Array, max_
       key: PRNG key (ignored for greedy decoding).
       eos_id: an id, a sequence of ids (any of them stops a row), or None.
       temperature: ``0`` means greedy. top_p: nucleus mass (``1.0`` disables filtering).
+      use_cache: decode with the model's KV cache when it has one (prefill + one token per
+        step); ``False`` recomputes the full buffer every step (the reference decoder).
 
     Returns:
       ``(tokens, response_mask)``, both int32 [B, max_new_tokens]. ``response_mask`` is
@@ -138,7 +199,8 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, key: jax.Array, max_
         raise ValueError("top_p must be in (0, 1]")
     use_top_p = (not greedy) and float(top_p) < 1.0
     graphdef, state = nnx.split(model)
-    fn = _get_fn(graphdef, int(max_new_tokens), _normalize_eos(eos_id), int(pad_id), greedy, use_top_p)
+    fn = _get_fn(graphdef, int(max_new_tokens), _normalize_eos(eos_id), int(pad_id), greedy, use_top_p,
+                 use_cache=bool(use_cache))
     if key is None:
         key = jax.random.key(0)
     return fn(state, prompt_ids, prompt_mask, key,
