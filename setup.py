@@ -15,7 +15,8 @@ setup(
     python_requires=">=3.11",
     install_requires=_reqs("requirements.txt"),
     extras_require={
-        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0", "trl==1.13.0"],
+        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0", "trl==1.13.0",
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
         "bench": ["torch==2.13.0", "accelerate==1.15.0", "trl==1.13.0"],
     },
 )

@@ -1,0 +1,104 @@
+"""experiments/preference_hf.py end to end: an HF model folder (tiny, written here) + a dataset
+in the generic preference layout -> training on a mesh -> summary.json the notebooks read."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+import transformers
+import yaml
+from flax import nnx
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start>", "<eot>", "user", "assistant", "system", ":",
+         "good", "great", "fine", "bad", "awful", "poor", "how", "what", "why", "is", "it", "the", "sky", "sea"]
+
+
+def _folder(tmp_path):
+    from alignshift.models.hf import save_hf_model
+    from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                               pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start> {{ m['role'] }} : {{ m['content'] }} <eot> "
+                         "{% endfor %}{% if add_generation_prompt %}<start> assistant : {% endif %}")
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # random weights from numpy into an abstract model: no XLA compilation for initialisers
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(0)
+    state = jax.tree_util.tree_map(lambda x: (rng.normal(size=x.shape) * 0.3).astype(x.dtype), state)
+    d = tmp_path / "model"
+    save_hf_model(nnx.merge(graphdef, state), str(d), tokenizer=tok)
+    return str(d)
+
+
+def _data(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    for split, n in (("train", 48), ("test", 16)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                q = " ".join(rng.choice(["how", "what", "why", "is", "it", "the", "sky", "sea"], 4))
+                good = " ".join(rng.choice(["good", "great", "fine"], rng.integers(1, 4)))
+                bad = " ".join(rng.choice(["bad", "awful", "poor"], rng.integers(1, 4)))
+                f.write(json.dumps({"prompt": q, "chosen": good, "rejected": bad}) + "\n")
+    return str(d)
+
+
+def test_hf_model_and_dataset_to_results(tmp_path, capsys):
+    import preference_hf
+
+    cfg = {
+        "scenario": "tiny_real", "seed": 0,
+        "model": {"hf_path": _folder(tmp_path), "dtype": "float32"},
+        "data": {"dataset": "preference", "dataset_source": _data(tmp_path), "dataset_kwargs": {},
+                 "chat_mode": "chat", "max_prompt_len": 12, "max_completion_len": 6},
+        # one method and no in-training evaluation: every distinct jit costs ~1 s of CI time
+        "train": {"steps": 10, "batch_size": 8, "log_every": 5, "eval_every": 0,
+                  "optim": {"lr": 3e-3, "warmup_steps": 2}},
+        "methods": [{"name": "kldpo", "base": "dpo", "base_kwargs": {"beta": 0.5}, "weighting": "kl_dro",
+                     "weighting_kwargs": {"tau": 0.5}}],
+        "eval": {"batch_size": 16},
+        "mesh": {"data": -1},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    summary = preference_hf.main(["--config", str(path), "--out", str(out)])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["scenario"] == "preference" and set(s["methods"]) == {"kldpo"}
+    assert s["data_info"]["n_train"] == 48 and s["data_info"]["n_val"] == 0 and s["data_info"]["n_test"] == 16
+    assert s["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1} and s["config"]["model"]["hf_path"].endswith("model")
+    # "good" responses vs "bad" ones is trivially learnable: DPO ranks the held-out pairs
+    assert s["methods"]["kldpo"]["test_pref_acc"] >= 0.9 and s["methods"]["kldpo"]["test_reward_margin"] > 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in recs if r.get("phase") == "preference"} == {"kldpo"}
+    assert any("weights/max" in r for r in recs)
+    assert (out / "results.md").read_text().count("|") > 8 and summary["n_seeds"] == 1
+    # the notebooks' reader understands it
+    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+    import nbhelpers
+
+    summ, records = nbhelpers.load_run("out", root=tmp_path)
+    assert "test_pref_acc" in nbhelpers.methods_table(summ).columns and nbhelpers.methods_in(records) == ["kldpo"]
+
+
+def test_script_requires_model_and_dataset(tmp_path, capsys):
+    import preference_hf
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": "preference"}}))
+    with pytest.raises(SystemExit) as e:
+        preference_hf.main(["--config", str(path), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "model.hf_path" in capsys.readouterr().err
