@@ -14,6 +14,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 
 from alignshift.config import MethodConfig, load_config
 from alignshift.data import BatchIterator, encode_pairs, make_scenario
@@ -31,7 +32,11 @@ OBJECTIVES = {
     "iw_dpo_r": MethodConfig(name="iw_dpo_r", weighting="iw_dpo_r", weighting_kwargs={"warmup_examples": 0}),
     "kldpo": MethodConfig(name="kldpo", weighting="kl_dro"),
     "dr_dpo": MethodConfig(name="dr_dpo", weighting="dr_dpo"),
+    "dora": MethodConfig(name="dora", weighting="dora", weighting_kwargs={"lam": 1.0, "alpha": 0.25}),
     "wdpo": MethodConfig(name="wdpo", penalty="wdpo", penalty_kwargs={"rho": 0.01}),
+    "wdpo_fwd": MethodConfig(name="wdpo_fwd", penalty="wdpo",
+                             penalty_kwargs={"rho": 0.01, "gradient": "forward_over_reverse"}),
+    "wdpo_fd": MethodConfig(name="wdpo_fd", penalty="wdpo", penalty_kwargs={"rho": 0.01, "gradient": "finite_difference"}),
 }
 
 
@@ -54,6 +59,11 @@ def main():
     val = encode_pairs(data.tokenizer, data.val, **enc)
     for arr in (train, val):
         arr.update(precompute_reference_logps(lf, params, arr))
+    # DoRA reads per-response classifier probabilities (precomputed in real runs): random ones here
+    rng = np.random.default_rng(0)
+    n = len(train["chosen_input_ids"])
+    sources = {"source_prob": rng.uniform(0.05, 0.95, (n, 2)).astype(np.float32),
+               "source_share": np.full((n, 2), 0.25, np.float32)}
     tx = make_optimizer(cfg.train.optim, 10_000)
     copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy(), t)
 
@@ -61,10 +71,11 @@ def main():
     for n in names:
         m = OBJECTIVES[n]
         obj = objective_for(m)
-        keys = [k for k in train if not k.startswith("prompt_")]
+        arrays = {**train, **sources} if obj.needs_source else train
+        keys = [k for k in arrays if not k.startswith("prompt_")]
         if not obj.needs_kl_completions:
             keys = [k for k in keys if not k.startswith(("kl_", "reference_kl"))]
-        it = iter(BatchIterator({k: train[k] for k in keys}, cfg.train.batch_size, seed=0))
+        it = iter(BatchIterator({k: arrays[k] for k in keys}, cfg.train.batch_size, seed=0))
         vit = iter(BatchIterator({k: val[k] for k in keys}, min(a.val_batch, len(data.val)), seed=1)) \
             if obj.needs_val else None
         step = make_preference_step(g, rest, tx, obj)
