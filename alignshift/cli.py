@@ -1,7 +1,13 @@
 """The command-line contract every experiment script shares.
 
     python experiments/<script>.py --config PATH --out DIR [--seeds N] [--quick] [--resume]
-                                   [--methods a,b] [--skip-bad-rows] [key=value ...]
+                                   [--methods a,b] [--skip-bad-rows] [--dry-run] [key=value ...]
+
+A script states whether it reads real datasets (``experiment_parser(..., real_data=True)``:
+``experiments/preference_hf.py``); the others run the built-in benchmark
+(``data.scenario``), and :func:`parse_experiment_args` refuses a config that sets
+``data.dataset`` for them (exit status 2) instead of silently ignoring it. ``--dry-run``
+plans any config (real-data ones included) whatever the script.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import shutil
 import sys
 
 from alignshift.config import ConfigError, ExperimentConfig, load_config, to_dict
+
+REAL_DATA_SCRIPT = "experiments/preference_hf.py"
 
 __all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir"]
 
@@ -34,8 +42,12 @@ class _ExperimentParser(argparse.ArgumentParser):
         return ns
 
 
-def experiment_parser(description: str, default_config: str | None, default_out: str) -> argparse.ArgumentParser:
+def experiment_parser(description: str, default_config: str | None, default_out: str, *,
+                      real_data: bool = False) -> argparse.ArgumentParser:
+    """The shared parser. ``real_data``: the script reads ``data.dataset`` (a registered real
+    dataset); without it :func:`parse_experiment_args` refuses configs that set that key."""
     p = _ExperimentParser(description=description)
+    p.real_data = real_data
     p.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides config 'seeds')")
@@ -52,7 +64,11 @@ def experiment_parser(description: str, default_config: str | None, default_out:
     return p
 
 
-def parse_experiment_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, ExperimentConfig]:
+def parse_experiment_args(parser: argparse.ArgumentParser, argv=None, *,
+                          cls=ExperimentConfig) -> tuple[argparse.Namespace, ExperimentConfig]:
+    """Parse ``argv`` and load the config (as ``cls``, an :class:`ExperimentConfig` subclass)
+    with ``--quick``/``--seeds``/``--skip-bad-rows``/overrides and ``--methods``; a config
+    error is printed and exits with status 2."""
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.seeds is not None:
@@ -60,7 +76,11 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv=None) -> tuple[a
     if getattr(args, "skip_bad_rows", False):
         overrides.append("data.skip_bad_rows=true")
     try:
-        cfg = load_config(args.config, overrides, quick=args.quick)
+        cfg = load_config(args.config, overrides, quick=args.quick, cls=cls)
+        if cfg.data.dataset and not getattr(parser, "real_data", False):
+            raise ConfigError(f"config key 'data.dataset' is {cfg.data.dataset!r}, but this script runs the "
+                              f"built-in benchmark (data.scenario={cfg.data.scenario!r}) and cannot read real "
+                              f"datasets; run real-data configs with {REAL_DATA_SCRIPT} (or remove data.dataset)")
         if args.methods:
             wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
             known = [m.name for m in cfg.methods]

@@ -55,7 +55,7 @@ class LoRASettings:
 @dataclasses.dataclass
 class ModelConfig:
     """The policy. With ``hf_path`` set, the model is loaded from that local HF folder
-    (``alignshift.models.load_hf_model``: Llama, Gemma 1/2, GPT-NeoX, GPT-2) and the size
+    (``alignshift.models.load_hf_model``: Llama, Mistral, Gemma 1/2, GPT-NeoX, GPT-2) and the size
     fields below are ignored; otherwise a tiny Llama with these HF-named sizes is initialised
     (``vocab_size`` 0 = from the tokenizer)."""
 
@@ -85,6 +85,7 @@ class DataConfig:
     # A real dataset instead of the benchmark: a name registered in
     # ``alignshift.data.datasets.DATASETS`` ("" = use ``scenario``), its source (hub name or
     # local path; "" = the dataset's hub name) and its loader arguments (split recipe, filters).
+    # Read by experiments/preference_hf.py only; the benchmark scripts refuse a config setting it.
     dataset: str = ""
     dataset_source: str = ""
     dataset_kwargs: dict = dataclasses.field(default_factory=dict)

@@ -45,17 +45,11 @@ from flax import nnx
 
 from alignshift.config import ConfigError, ExperimentConfig
 
-__all__ = ["dry_run", "run_dry_run", "load_plan_config", "resolve_hf_config", "abstract_model", "main",
-           "MODEL_TYPE_ALIASES"]
+__all__ = ["dry_run", "run_dry_run", "load_plan_config", "resolve_hf_config", "abstract_model", "main"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: HF ``model_type`` values whose parameter shapes equal a supported architecture's. Mistral
-#: is the Llama architecture plus sliding-window attention (irrelevant for sequences shorter
-#: than the window, 4096 for Mistral-7B-v0.1); loading its weights needs ``"mistral"`` in
-#: ``alignshift.models.hf.ARCHITECTURES``.
-MODEL_TYPE_ALIASES = {"mistral": "llama"}
 GiB = 1024 ** 3
 
 
@@ -76,11 +70,10 @@ def resolve_hf_config(path: str) -> tuple[str, dict]:
 def _architecture(model_type: str):
     from alignshift.models.hf import ARCHITECTURES
 
-    mt = MODEL_TYPE_ALIASES.get(model_type, model_type)
-    if mt not in ARCHITECTURES:
+    if model_type not in ARCHITECTURES:
         raise ConfigError(f"config key 'model.hf_path': model_type {model_type!r} is not supported; "
-                          f"supported: {sorted(ARCHITECTURES)} (+ aliases {sorted(MODEL_TYPE_ALIASES)})")
-    mod_name, cfg_name, model_name = ARCHITECTURES[mt]
+                          f"supported: {sorted(ARCHITECTURES)}")
+    mod_name, cfg_name, model_name = ARCHITECTURES[model_type]
     mod = importlib.import_module(mod_name)
     return getattr(mod, cfg_name), getattr(mod, model_name)
 
@@ -95,8 +88,7 @@ def abstract_model(cfg: ExperimentConfig, *, vocab_size: int = 256):
         folder, hf = resolve_hf_config(m.hf_path)
         cfg_cls, model_cls = _architecture(hf["model_type"])
         mcfg = cfg_cls.from_hf(hf)
-        desc = {"source": folder, "model_type": hf["model_type"],
-                "alias": MODEL_TYPE_ALIASES.get(hf["model_type"])}
+        desc = {"source": folder, "model_type": hf["model_type"]}
     else:
         from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -106,7 +98,7 @@ def abstract_model(cfg: ExperimentConfig, *, vocab_size: int = 256):
                            num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
                            rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps,
                            tie_word_embeddings=m.tie_word_embeddings)
-        desc = {"source": "model.* (tiny Llama)", "model_type": "llama", "alias": None}
+        desc = {"source": "model.* (tiny Llama)", "model_type": "llama"}
     if m.remat:
         mcfg.remat = True
 
@@ -122,7 +114,7 @@ def abstract_model(cfg: ExperimentConfig, *, vocab_size: int = 256):
     model = nnx.eval_shape(build)
     desc.update({k: getattr(mcfg, k, None) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                     "num_hidden_layers", "num_attention_heads",
-                                                    "num_key_value_heads", "head_dim")})
+                                                    "num_key_value_heads", "head_dim", "sliding_window")})
     return model, desc
 
 
@@ -237,9 +229,6 @@ def dry_run(cfg: ExperimentConfig, *, devices: int | None = None, trace_step: bo
 
     # --- model, abstractly
     model, desc = abstract_model(cfg)
-    if desc.get("alias"):
-        warnings.append(f"model_type {desc['model_type']!r} planned as {desc['alias']!r} (same parameter shapes); "
-                        "loading its weights needs it registered in alignshift.models.hf.ARCHITECTURES")
     if cfg.model.lora.enabled:
         from alignshift.models.lora import split_lora
 

@@ -33,8 +33,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alignshift.cli import experiment_parser, prepare_out_dir
-from alignshift.config import ConfigError, ExperimentConfig, load_config, to_dict
+from alignshift.cli import experiment_parser, parse_experiment_args, prepare_out_dir
+from alignshift.config import ConfigError, ExperimentConfig, to_dict
 from alignshift.data import encode_pairs, encode_prompts, make_scenario
 from alignshift.data.encode import encode_lists
 from alignshift.eval.report import aggregate_seeds, format_table, plot_training_curves, read_jsonl, write_json_atomic
@@ -87,16 +87,8 @@ class DoraExperimentConfig(ExperimentConfig):
 
 def parse_args(argv=None):
     parser = experiment_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/dora")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
+    args, cfg = parse_experiment_args(parser, argv, cls=DoraExperimentConfig)
     try:
-        cfg = load_config(args.config, overrides, quick=args.quick, cls=DoraExperimentConfig)
-        if args.methods:
-            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-            unknown = sorted(set(wanted) - {m.name for m in cfg.methods})
-            if unknown:
-                raise ConfigError(f"--methods: unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
-            cfg.methods = [m for m in cfg.methods if m.name in wanted]
         if cfg.data.scenario != "synthetic_shift":
             raise ConfigError(f"dora needs data.scenario=synthetic_shift, got {cfg.data.scenario!r}")
         c = cfg.classifier

@@ -12,9 +12,14 @@ the mesh (``mesh.data/fsdp/tensor``) and the methods. Steps:
 
 1. ``jax.distributed`` initialisation when the environment describes several processes,
    then ``make_mesh(data, fsdp, tensor)``;
-2. the dataset's train/val/test splits, chat-template encoded (``encode_chat_pairs``:
-   prompt masked out of the loss, prompt truncated from the left, response from the right);
-   ``meta["weight"]`` becomes a per-example ``weight`` column;
+2. the dataset's train/val/test splits: malformed rows raise an error naming the dataset,
+   row and field, or, with ``--skip-bad-rows`` (``data.skip_bad_rows``), are dropped and
+   counted (``data_info.skipped_rows`` in ``summary.json``); rows longer than the budget
+   (measured through the chat template) follow ``data.truncation``: ``truncate`` (prompt cut
+   from the left, response from the right), ``error`` (naming the row and field; skipped
+   instead with ``--skip-bad-rows``) or ``skip`` (dropped and counted). Then chat-template
+   encoding (``encode_chat_pairs``: prompt masked out of the loss); ``meta["weight"]``
+   becomes a per-example ``weight`` column;
 3. the model loaded straight onto the mesh (``load_hf_model(..., mesh=mesh)``: parameters
    sharded by the rule table as they are read); with ``model.lora.enabled`` adapters are
    added and trained, the reference being the zeroed adapters;
@@ -26,6 +31,12 @@ the mesh (``mesh.data/fsdp/tensor``) and the methods. Steps:
 Outputs (same schema as the benchmark experiments, read by ``notebooks/``):
 ``<out>/summary.json``, ``metrics.jsonl``, ``results.md``. There is no SFT phase: the HF model
 is the reference. Sampling-based metrics need a reward model and are not computed here.
+
+One seed per run: ``seed`` sets the batch order (and LoRA's initialisation); ``seeds`` /
+``--seeds`` above 1 is refused (run the script once per ``seed=S`` with its own ``--out``).
+Candidate-list data (``data.dataset: candidates``) is turned into best-vs-worst pairs; DoRA's
+per-candidate ``probs`` are kept in ``meta`` but not turned into the ``source_prob`` /
+``source_share`` inputs the ``dora`` weighting rule needs.
 """
 
 from __future__ import annotations
@@ -63,6 +74,9 @@ def _json_safe(x):
 
 
 def _check(cfg: ExperimentConfig) -> None:
+    if cfg.seeds != 1:
+        raise ConfigError(f"config key 'seeds' (--seeds) is {cfg.seeds}, but preference_hf.py trains one seed per "
+                          "run; run it once per seed with seed=S and a separate --out")
     if not cfg.model.hf_path:
         raise ConfigError("config key 'model.hf_path' must name a Hugging Face model folder for this script")
     if not cfg.data.dataset:
@@ -89,12 +103,15 @@ def _encode(tok, examples, cfg: ExperimentConfig) -> dict:
 
 
 def run(cfg: ExperimentConfig, out: str, *, resume: bool = False) -> dict:
+    from alignshift.data.chat import chat_token_lengths
     from alignshift.data.datasets import DATASETS, load_dataset_splits
+    from alignshift.data.schema import DataError, SkippedRows
     from alignshift.eval.report import aggregate_seeds, format_table, write_json_atomic
     from alignshift.eval.shift_eval import preference_accuracy
     from alignshift.models.hf import load_hf_model, load_hf_tokenizer
     from alignshift.parallel import make_mesh, maybe_initialize_distributed, shard_params
     from alignshift.train.metrics import JsonlWriter
+    from alignshift.train.pipeline import clean_splits
     from alignshift.train.ref_cache import ReferenceLogpCache
     from alignshift.train.runner import add_lora, objective_for, precompute_reference_logps, run_preference
     from alignshift.train.steps import make_logits_fn, split_model
@@ -109,7 +126,9 @@ def run(cfg: ExperimentConfig, out: str, *, resume: bool = False) -> dict:
     print(f"alignshift preference_hf: {cfg.model.hf_path} on {cfg.data.dataset} mesh={dict(mesh.shape)} "
           f"methods={[m.name for m in cfg.methods]}", flush=True)
 
-    splits = load_dataset_splits(cfg.data.dataset, cfg.data.dataset_source or None, **cfg.data.dataset_kwargs)
+    skipped = SkippedRows()
+    splits = load_dataset_splits(cfg.data.dataset, cfg.data.dataset_source or None,
+                                 skip_bad_rows=cfg.data.skip_bad_rows, report=skipped, **cfg.data.dataset_kwargs)
     objectives = {m.name: objective_for(m) for m in cfg.methods}
     wanted = {m.train_data for m in cfg.methods}
     needs_val = bool(wanted & {"val", "train+val"}) or any(o.needs_val for o in objectives.values())
@@ -117,6 +136,12 @@ def run(cfg: ExperimentConfig, out: str, *, resume: bool = False) -> dict:
         raise ConfigError(f"a method needs validation pairs but {cfg.data.dataset!r} gave none "
                           "(set data.dataset_kwargs.val_ratio)")
     tok = load_hf_tokenizer(cfg.model.hf_path)
+    splits = clean_splits(splits, cfg.data, tok, cfg.data.dataset, report=skipped,
+                          lengths=chat_token_lengths(tok, mode=cfg.data.chat_mode,
+                                                     system_prompt=cfg.data.system_prompt or None))
+    splits.info.update({f"n_{s}": len(splits.split(s)) for s in ("train", "val", "test")})
+    if not splits.train:
+        raise DataError(f"{cfg.data.dataset}/train: no valid pairs ({skipped.summary()})")
     sets = {"train": _encode(tok, splits.train, cfg)}
     if splits.val:
         sets["val"] = _encode(tok, splits.val, cfg)
@@ -201,7 +226,7 @@ def run(cfg: ExperimentConfig, out: str, *, resume: bool = False) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0], None, "results/preference_hf")
+    parser = experiment_parser(__doc__.splitlines()[0], None, "results/preference_hf", real_data=True)
     args, cfg = parse_experiment_args(parser, argv)
     try:
         return run(cfg, args.out, resume=args.resume)

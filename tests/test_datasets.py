@@ -360,3 +360,44 @@ def test_candidates_file_for_dora(tmp_path):
     rows[0]["probs"] = [0.2, 1.5, 0.5, 0.4]
     with pytest.raises(DataError, match=r"candidates row 0: field 'probs'"):
         load_dataset_splits("candidates", _jsonl(tmp_path / "b" / "train.jsonl", rows))
+
+
+def test_skip_bad_rows_drops_and_counts_in_every_kind_of_adapter(tmp_path):
+    """``load_dataset_splits(..., skip_bad_rows=True)``: malformed rows are dropped and counted
+    per dataset/split (``info["skipped_rows"]`` and the caller's report) instead of raising."""
+    from alignshift.data.schema import SkippedRows
+
+    pku = [_pku_row(i, True, i % 2 == 0, 0, 0) for i in range(6)]
+    pku[2]["response_1"] = "  "
+    path = _jsonl(tmp_path / "pku" / "train.jsonl", pku)
+    with pytest.raises(DataError, match=r"pku_safe_rlhf row 2: field 'response_1' is empty"):
+        load_dataset_splits("pku_safe_rlhf", path)
+    rep = SkippedRows()
+    out = load_dataset_splits("pku_safe_rlhf", path, skip_bad_rows=True, report=rep)
+    assert len(out.train) == 5 and [e.meta["row"] for e in out.train] == [0, 1, 3, 4, 5]
+    # (a single file serves as this recipe's train and test split: the bad row is counted in both)
+    assert out.info["skipped_rows"]["by_source"]["pku_safe_rlhf/train"] == 1
+    assert rep.count == out.info["skipped_rows"]["count"]
+
+    # a split recipe (IW-DPO) forwards it to both splits it loads
+    d = tmp_path / "pku_iw"
+    train, test = _pku_rows(200, 0), _pku_rows(60, 1)
+    train[5]["better_response_id"], test[7]["prompt"] = 3, ""
+    _jsonl(d / "train.jsonl", train)
+    _jsonl(d / "test.jsonl", test)
+    out = load_dataset_splits("pku_safe_rlhf_iw", str(d), skip_bad_rows=True)
+    assert out.info["skipped_rows"]["by_source"] == {"pku_safe_rlhf/train": 1, "pku_safe_rlhf/test": 1}
+
+    # candidate lists (generic, DoRA layout) and grouped per-response rows (HelpSteer2)
+    cands = [{"prompt": "q", "candidates": ["a", "b"], "scores": [0.1, 0.9]},
+             {"prompt": "q2", "candidates": ["a"], "scores": [0.1]},
+             {"prompt": "q3", "candidates": ["c", "d"], "scores": [0.5, 0.2], "meta": [1]}]
+    out = load_dataset_splits("candidates", _jsonl(tmp_path / "c" / "train.jsonl", cands), skip_bad_rows=True)
+    assert [p.chosen for p in out.train] == ["b"] and out.info["skipped_rows"]["count"] == 2
+    hs = [{"prompt": "p", "response": f"r{k}", **{a: k for a in ("helpfulness", "correctness", "coherence",
+                                                                 "complexity", "verbosity")}} for k in range(3)]
+    hs[1]["correctness"] = "high"
+    rep = SkippedRows()
+    (c,) = load_helpsteer2_candidates(_jsonl(tmp_path / "hs.jsonl", hs), skip_bad_rows=True, report=rep)
+    assert c.candidates == ["r0", "r2"] and c.meta["rows"] == [0, 2] and rep.by_source == {"helpsteer2/train": 1}
+    assert "helpsteer2 row 1: field 'correctness' must be a number" in rep.summary()

@@ -93,7 +93,9 @@ def test_lora_config_counts_adapters_and_base():
     assert rep["n_trainable"] == adapters == 3_407_872
     assert rep["n_params"] == _llama_params(c) + adapters  # Mistral-7B: 7.24 B base
     assert rep["per_device_bytes"]["frozen"] > 100 * rep["per_device_bytes"]["params"]
-    assert any("mistral" in w for w in rep["warnings"])
+    # loaded as model_type mistral (our Llama + sliding window), no longer planned as an alias
+    assert rep["model"]["model_type"] == "mistral" and rep["model"]["sliding_window"] == 4096
+    assert not [w for w in rep["warnings"] if "mistral" in w]
 
 
 def test_dry_run_rejects_impossible_plans(tmp_path):

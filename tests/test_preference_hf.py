@@ -42,7 +42,14 @@ def _folder(tmp_path):
     return str(d)
 
 
-def _data(tmp_path):
+# rows appended to train.jsonl (rows 48-50): malformed (empty chosen; chosen == rejected) and
+# over-long (a 9-word chosen: 10 tokens with <eot> > max_completion_len=6)
+BAD_ROWS = [{"prompt": "how is it", "chosen": "", "rejected": "bad"},
+            {"prompt": "how is it", "chosen": "good", "rejected": "good"}]
+LONG_ROW = {"prompt": "how is it", "chosen": "good " * 9, "rejected": "bad"}
+
+
+def _data(tmp_path, extra_train=()):
     rng = np.random.default_rng(0)
     d = tmp_path / "data"
     d.mkdir()
@@ -53,17 +60,18 @@ def _data(tmp_path):
                 good = " ".join(rng.choice(["good", "great", "fine"], rng.integers(1, 4)))
                 bad = " ".join(rng.choice(["bad", "awful", "poor"], rng.integers(1, 4)))
                 f.write(json.dumps({"prompt": q, "chosen": good, "rejected": bad}) + "\n")
+            if split == "train":
+                for row in extra_train:
+                    f.write(json.dumps(row) + "\n")
     return str(d)
 
 
-def test_hf_model_and_dataset_to_results(tmp_path, capsys):
-    import preference_hf
-
+def _config(tmp_path, data_dir, **data):
     cfg = {
         "scenario": "tiny_real", "seed": 0,
         "model": {"hf_path": _folder(tmp_path), "dtype": "float32"},
-        "data": {"dataset": "preference", "dataset_source": _data(tmp_path), "dataset_kwargs": {},
-                 "chat_mode": "chat", "max_prompt_len": 12, "max_completion_len": 6},
+        "data": {"dataset": "preference", "dataset_source": data_dir, "dataset_kwargs": {},
+                 "chat_mode": "chat", "max_prompt_len": 12, "max_completion_len": 6, **data},
         # one method and no in-training evaluation: every distinct jit costs ~1 s of CI time
         "train": {"steps": 10, "batch_size": 8, "log_every": 5, "eval_every": 0,
                   "optim": {"lr": 3e-3, "warmup_steps": 2}},
@@ -74,11 +82,25 @@ def test_hf_model_and_dataset_to_results(tmp_path, capsys):
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_hf_model_and_dataset_to_results(tmp_path, capsys):
+    import preference_hf
+
+    # --skip-bad-rows drops the two malformed rows (adapter) and data.truncation=skip the
+    # over-long one (measured through the chat template); all three are counted
+    path = _config(tmp_path, _data(tmp_path, [*BAD_ROWS, LONG_ROW]), truncation="skip")
     out = tmp_path / "out"
-    summary = preference_hf.main(["--config", str(path), "--out", str(out)])
+    summary = preference_hf.main(["--config", path, "--out", str(out), "--skip-bad-rows"])
     s = json.loads((out / "summary.json").read_text())
     assert s["scenario"] == "preference" and set(s["methods"]) == {"kldpo"}
     assert s["data_info"]["n_train"] == 48 and s["data_info"]["n_val"] == 0 and s["data_info"]["n_test"] == 16
+    assert s["data_info"]["skipped_rows"] == {"count": 3, "by_source": {"preference/train": 3}}
+    assert json.loads((out / "seed_0" / "summary.json").read_text())["data_info"]["skipped_rows"]["count"] == 3
+    printed = capsys.readouterr().out
+    assert "preference row 48: field 'chosen' is empty" in printed
+    assert "preference/train row 50: field 'chosen' has 10 tokens > max_completion_len=6" in printed
     assert s["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1} and s["config"]["model"]["hf_path"].endswith("model")
     # "good" responses vs "bad" ones is trivially learnable: DPO ranks the held-out pairs
     assert s["methods"]["kldpo"]["test_pref_acc"] >= 0.9 and s["methods"]["kldpo"]["test_reward_margin"] > 0
@@ -102,3 +124,37 @@ def test_script_requires_model_and_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         preference_hf.main(["--config", str(path), "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "model.hf_path" in capsys.readouterr().err
+
+
+def test_bad_and_over_long_rows_are_errors_naming_row_and_field(tmp_path):
+    import preference_hf
+
+    from alignshift.data.schema import DataError
+
+    # without --skip-bad-rows the first malformed row stops the run, named by file row and field
+    path = _config(tmp_path, _data(tmp_path, BAD_ROWS))
+    with pytest.raises(DataError, match=r"^preference row 48: field 'chosen' is empty"):
+        preference_hf.main(["--config", path, "--out", str(tmp_path / "o")])
+    # data.truncation=error: an over-long response (counted with the chat template) is refused
+    # instead of truncated, before any model is loaded
+    (tmp_path / "long").mkdir()
+    data = _data(tmp_path / "long", [LONG_ROW])
+    path = _config(tmp_path, data, truncation="error")
+    with pytest.raises(DataError, match=r"^preference/train row 48: field 'chosen' has 10 tokens > "
+                                        r"max_completion_len=6 \(truncation policy 'error'\)"):
+        preference_hf.main(["--config", path, "--out", str(tmp_path / "o")])
+    # ... and the prompt budget counts the rendered template (12 tokens here), not the raw text
+    path = _config(tmp_path, data, truncation="error", max_prompt_len=11, max_completion_len=10)
+    with pytest.raises(DataError, match=r"^preference/train row 0: field 'prompt' has 12 tokens > max_prompt_len=11"):
+        preference_hf.main(["--config", path, "--out", str(tmp_path / "o")])
+
+
+def test_more_than_one_seed_is_refused(tmp_path, capsys):
+    import preference_hf
+
+    path = _config(tmp_path, _data(tmp_path))
+    for argv in (["--seeds", "3"], ["seeds=2"]):
+        with pytest.raises(SystemExit) as e:
+            preference_hf.main(["--config", path, "--out", str(tmp_path / "o"), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "config key 'seeds' (--seeds) is" in err and "seed=S" in err

@@ -343,6 +343,28 @@ def test_cli_skip_bad_rows_flag():
     assert cfg.data.skip_bad_rows is False
 
 
+@pytest.mark.parametrize("script", ["shift_demo", "iw_dpo", "robust_dpo", "dora"])
+def test_benchmark_scripts_refuse_real_dataset_configs(script, capsys, monkeypatch):
+    """A config with data.dataset given to a benchmark script is an error (exit 2) naming the
+    key and the real-data script, not a silent benchmark run; --dry-run still plans it."""
+    import importlib
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    mod = importlib.import_module(script)
+    real = os.path.join(ROOT, "experiments", "configs", "iw_dpo_safe_rlhf_llama3_8b.yaml")
+    for argv in (["--config", real], ["--config", DEMO_CONFIG, "data.dataset=preference"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv + ["--out", "/nonexistent/never_written"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert "config key 'data.dataset'" in err and "experiments/preference_hf.py" in err
+    if script == "iw_dpo":  # planning is not running: the dry run accepts every per-paper config
+        small = os.path.join(ROOT, "experiments", "configs", "kldpo_helpsteer2_llama32_1b.yaml")
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--config", small, "--dry-run"])
+        assert e.value.code == 0 and "sharding plan" in capsys.readouterr().out
+
+
 def test_bad_rows_name_file_row_and_field_or_are_skipped_and_counted(tmp_path):
     from alignshift.data.schema import (DataError, SkippedRows, check_lengths, read_jsonl_rows,
                                         validate_examples)

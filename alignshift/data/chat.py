@@ -34,7 +34,11 @@ Tokenisation (``mode``):
 
 Truncation: the prompt keeps its END (the latest turns; a leading BOS is kept), the
 response keeps its START (a truncated response has no end-of-turn token). Truncation
-counts are returned with ``return_info=True``.
+counts are returned with ``return_info=True``. To refuse or drop over-long rows instead
+(``data.truncation`` ``error`` | ``skip``), check them first with
+:func:`alignshift.data.schema.check_lengths` and ``lengths=chat_token_lengths(tokenizer, ...)``:
+the untruncated lengths exactly as this encoder measures them (``kl_*`` rows, another row's
+chosen response after this prompt, are still cut to fit).
 
 Malformed input raises :class:`~alignshift.data.DataError` naming the row and the field.
 """
@@ -50,8 +54,8 @@ from .encode import PAIR_KEYS
 from .loader import BatchIterator
 from .schema import DataError, PreferenceExample, validate_example
 
-__all__ = ["prompt_messages", "tokenize_prompt_response", "encode_chat_pairs", "LengthBucketIterator",
-           "sequence_lengths"]
+__all__ = ["prompt_messages", "tokenize_prompt_response", "chat_token_lengths", "encode_chat_pairs",
+           "LengthBucketIterator", "sequence_lengths"]
 
 
 def prompt_messages(ex: PreferenceExample, index: int, system_prompt: str | None = None) -> list[dict]:
@@ -121,6 +125,19 @@ def tokenize_prompt_response(tokenizer, ex: PreferenceExample, response: str, in
     if not r_ids:
         raise DataError(f"row {index}: response has zero tokens")
     return p_ids, r_ids
+
+
+def chat_token_lengths(tokenizer, *, mode: str = "auto", system_prompt: str | None = None,
+                       raw_separator: str = " "):
+    """``lengths(example, row) -> {"prompt": n, "chosen": n, "rejected": n}``: the untruncated
+    token counts :func:`encode_chat_pairs` (same arguments) sees, for
+    :func:`~alignshift.data.schema.check_lengths`."""
+    def lengths(ex: PreferenceExample, index: int) -> dict[str, int]:
+        kw = dict(mode=mode, system_prompt=system_prompt, raw_separator=raw_separator)
+        p_ids, c_ids = tokenize_prompt_response(tokenizer, ex, ex.chosen, index, **kw)
+        _, r_ids = tokenize_prompt_response(tokenizer, ex, ex.rejected, index, **kw)
+        return {"prompt": len(p_ids), "chosen": len(c_ids), "rejected": len(r_ids)}
+    return lengths
 
 
 def _truncate_prompt(ids: list[int], max_len: int, bos_id) -> tuple[list[int], bool]:

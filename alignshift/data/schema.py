@@ -204,12 +204,17 @@ def read_jsonl_rows(path: str, *, skip_bad_rows: bool = False, report: SkippedRo
     return rows
 
 
-def check_lengths(examples: Iterable[PreferenceExample], count_tokens: Callable[[str, str], int], *,
+def check_lengths(examples: Iterable[PreferenceExample], count_tokens: Callable[[str, str], int] | None = None, *,
                   max_prompt_len: int, max_completion_len: int, policy: str = "truncate",
                   source: str | None = None, report: SkippedRows | None = None,
-                  indices: Iterable[int] | None = None) -> list[PreferenceExample]:
+                  indices: Iterable[int] | None = None,
+                  lengths: Callable[[PreferenceExample, int], Mapping[str, int]] | None = None,
+                  ) -> list[PreferenceExample]:
     """Apply the over-length policy. ``count_tokens(kind, text)`` gives the token count of a
-    ``"prompt"`` (bos included) or a ``"completion"`` (eos included) as the encoder will see it.
+    ``"prompt"`` (bos included) or a ``"completion"`` (eos included) as the encoder will see it;
+    or ``lengths(example, row) -> {"prompt": n, "chosen": n, "rejected": n}`` gives them when
+    they depend on the whole example (a chat template renders the prompt's turns and wraps
+    each response in them: :func:`alignshift.data.chat.chat_token_lengths`).
 
     ``truncate``: return the examples unchanged (the encoder keeps the end of the prompt and
     the start of the response). ``error``: raise :class:`DataError` naming the row, the field
@@ -218,20 +223,27 @@ def check_lengths(examples: Iterable[PreferenceExample], count_tokens: Callable[
     """
     if policy not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {policy!r}")
+    if (count_tokens is None) == (lengths is None):
+        raise ValueError("check_lengths: pass exactly one of count_tokens and lengths")
     examples = list(examples)
     if policy == "truncate":
         return examples
+    if lengths is None:
+        def lengths(ex, i):
+            return {"prompt": count_tokens("prompt", ex.prompt), "chosen": count_tokens("completion", ex.chosen),
+                    "rejected": count_tokens("completion", ex.rejected)}
     indices = list(range(len(examples))) if indices is None else list(indices)
     out = []
     for i, ex in zip(indices, examples):
         problem = None
-        n = count_tokens("prompt", ex.prompt)
+        n_tokens = lengths(ex, i)
+        n = n_tokens["prompt"]
         if n > max_prompt_len:
             problem = _error(i, "prompt", f"has {n} tokens > max_prompt_len={max_prompt_len} "
                              f"(truncation policy {policy!r})", source)
         else:
             for name in ("chosen", "rejected"):
-                n = count_tokens("completion", getattr(ex, name))
+                n = n_tokens[name]
                 if n > max_completion_len:
                     problem = _error(i, name, f"has {n} tokens > max_completion_len={max_completion_len} "
                                      f"(truncation policy {policy!r})", source)

@@ -57,6 +57,7 @@ from alignshift.models.layers import (
     masked_softmax,
     rope_cos_sin,
     rope_inv_freq,
+    sliding_window_mask,
     _freeze,
 )
 from alignshift.models.llama import hf_name
@@ -292,14 +293,6 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     if cap is None:
         return x
     return jnp.tanh(x / cap) * cap
-
-
-def sliding_window_mask(attention_mask: jax.Array, window: int) -> jax.Array:
-    """Boolean [B, 1, T, T] mask: causal + padding + ``q - window < k`` (HF's sliding overlay)."""
-    T = attention_mask.shape[-1]
-    q = jnp.arange(T)[:, None]
-    k = jnp.arange(T)[None, :]
-    return causal_padding_mask(attention_mask) & (k > q - window)[None, None]
 
 
 class GemmaAttention(nnx.Module):

@@ -13,7 +13,8 @@ copy of the weights in the target dtype, never a full float32 copy of a bf16 che
 With a ``mesh``, parameters are then placed with the partition rules of
 :mod:`alignshift.parallel.rules`.
 
-Supported ``model_type`` values are the keys of :data:`ARCHITECTURES`.
+Supported ``model_type`` values are the keys of :data:`ARCHITECTURES` (``mistral`` loads into
+our Llama with its ``sliding_window``, and is exported back as ``mistral``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = ["ARCHITECTURES", "load_hf_model", "load_hf_tokenizer", "save_hf_model
 # model_type -> (module, config class, model class)
 ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "llama": ("alignshift.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    # Mistral = the Llama network (no biases) + sliding-window attention: LlamaConfig.sliding_window
+    "mistral": ("alignshift.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "gemma": ("alignshift.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("alignshift.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
     "gpt_neox": ("alignshift.models.gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM"),

@@ -136,14 +136,28 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None, None] & key_ok
 
 
-def cached_attention_mask(key_mask: jax.Array, index, n_new: int) -> jax.Array:
+def sliding_window_mask(attention_mask: jax.Array, window: int) -> jax.Array:
+    """Boolean [B, 1, T, T] mask: causal + padding + ``q - window < k`` (HF's
+    ``sliding_window_overlay``: ``kv_idx > q_idx - window``), i.e. a query sees itself and
+    the ``window - 1`` previous sequence indices (Gemma 2's sliding layers, Mistral)."""
+    T = attention_mask.shape[-1]
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    return causal_padding_mask(attention_mask) & (k > q - window)[None, None]
+
+
+def cached_attention_mask(key_mask: jax.Array, index, n_new: int, window: int | None = None) -> jax.Array:
     """Boolean mask [B, 1, n_new, S] for ``n_new`` queries written at cache slots
     ``index .. index + n_new - 1``: key slot ``s`` is visible iff ``key_mask[b, s]`` and
-    ``s <= `` the query's slot (the KV-cache analogue of :func:`causal_padding_mask`)."""
+    ``s <= `` the query's slot (the KV-cache analogue of :func:`causal_padding_mask`), and,
+    with a ``window``, ``s > `` the query's slot ``- window`` (of :func:`sliding_window_mask`)."""
     S = key_mask.shape[-1]
     q_slots = index + jnp.arange(n_new, dtype=jnp.int32)
-    causal = jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slots[:, None]
-    return causal[None, None] & key_mask.astype(jnp.bool_)[:, None, None, :]
+    s = jnp.arange(S, dtype=jnp.int32)[None, :]
+    visible = s <= q_slots[:, None]
+    if window is not None:
+        visible = visible & (s > q_slots[:, None] - window)
+    return visible[None, None] & key_mask.astype(jnp.bool_)[:, None, None, :]
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

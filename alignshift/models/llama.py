@@ -1,4 +1,5 @@
-"""Llama causal language model in Flax NNX.
+"""Llama causal language model in Flax NNX (also Mistral: the same network with
+sliding-window attention, ``LlamaConfig(model_type="mistral", sliding_window=W)``).
 
 The module attribute tree mirrors Hugging Face names, so importing a checkpoint
 is a pure name mapping (see :func:`hf_name` / :func:`params_from_hf_state_dict`)::
@@ -32,6 +33,7 @@ from alignshift.models.layers import (
     RMSNorm,
     rope_cos_sin,
     rope_inv_freq,
+    sliding_window_mask,
     _freeze,
 )
 
@@ -50,6 +52,8 @@ __all__ = [
 
 # --------------------------------------------------------------------------- config
 
+_MODEL_TYPES = ("llama", "mistral")
+
 
 @dataclasses.dataclass
 class LlamaConfig:
@@ -61,6 +65,13 @@ class LlamaConfig:
     The config is hashable (it is a static attribute of the module, so it
     ends up in the nnx GraphDef, which is used as a jit cache key); don't
     mutate it after building a model.
+
+    ``model_type`` is the HF architecture the weights come from and are exported as:
+    ``"llama"`` or ``"mistral"`` (Mistral-7B = Llama without biases plus
+    ``sliding_window``: a query attends to itself and the ``sliding_window - 1``
+    previous positions, HF's ``kv_idx > q_idx - sliding_window``; ``None`` = full
+    causal attention, as in Mistral v0.2+). A sliding window needs ``"mistral"``: HF's
+    Llama has none, so an exported Llama would silently lose it.
     """
 
     vocab_size: int = 32000
@@ -81,9 +92,21 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     initializer_range: float = 0.02
+    model_type: str = "llama"
+    sliding_window: int | None = None
     remat: bool = False
 
     def __post_init__(self):
+        if self.model_type not in _MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {_MODEL_TYPES}, got {self.model_type!r}")
+        if self.sliding_window is not None:
+            if self.model_type != "mistral":
+                raise ValueError(f"sliding_window={self.sliding_window} needs model_type='mistral' "
+                                 "(HF Llama has no sliding-window attention)")
+            if isinstance(self.sliding_window, bool) or self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.model_type == "mistral" and (self.attention_bias or self.mlp_bias):
+            raise ValueError("model_type='mistral' has no attention/MLP biases (HF MistralForCausalLM)")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -114,7 +137,11 @@ class LlamaConfig:
         return hash(_freeze(dataclasses.asdict(self)))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields (``sliding_window`` only for Mistral: HF's Llama config has no such key)."""
+        d = dataclasses.asdict(self)
+        if self.model_type == "llama":
+            d.pop("sliding_window")
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
@@ -123,7 +150,9 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: Any, **overrides: Any) -> "LlamaConfig":
-        """Build from a ``transformers.LlamaConfig`` (v4 or v5) or a config.json-style dict.
+        """Build from a ``transformers.LlamaConfig`` / ``MistralConfig`` (v4 or v5) or a
+        config.json-style dict (``model_type`` ``"mistral"`` keeps ``sliding_window``;
+        any other is read as Llama).
 
         Handles both the old spelling (``rope_theta`` + ``rope_scaling`` with
         ``type``/``rope_type``) and the transformers-5 one (``rope_parameters``
@@ -140,7 +169,7 @@ class LlamaConfig:
                          "max_position_embeddings", "tie_word_embeddings", "attention_bias",
                          "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
                          "rope_parameters", "rope_scaling", "rope_theta", "hidden_act",
-                         "initializer_range"):
+                         "initializer_range", "model_type", "sliding_window"):
                 if name not in d and hasattr(config, name):
                     d[name] = getattr(config, name)
         else:
@@ -164,8 +193,10 @@ class LlamaConfig:
             raise NotImplementedError("partial_rotary_factor != 1 is not supported")
         merged.pop("partial_rotary_factor", None)
         rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **merged}
+        model_type = "mistral" if d.get("model_type") == "mistral" else "llama"
 
         kwargs = dict(
+            model_type=model_type,
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -184,6 +215,7 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id", 1),  # HF LlamaConfig defaults
             eos_token_id=d.get("eos_token_id", 2),
             initializer_range=d.get("initializer_range", 0.02),
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -312,7 +344,10 @@ class LlamaModel(nnx.Module):
                  positions: jax.Array) -> jax.Array:
         c = self.config
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
-        mask = causal_padding_mask(attention_mask)
+        if c.sliding_window is None:
+            mask = causal_padding_mask(attention_mask)
+        else:
+            mask = sliding_window_mask(attention_mask, c.sliding_window)
         h = inputs_embeds.astype(self.dtype)
         for layer in self.layers:
             h = apply_layer(layer, h, mask, cos, sin, remat=c.remat)
@@ -329,7 +364,7 @@ class LlamaModel(nnx.Module):
         """Decoder stack over new tokens at cache slots ``index..`` (see ``CausalLM.forward_cached``)."""
         c = self.config
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
-        mask = cached_attention_mask(key_mask, index, inputs_embeds.shape[1])
+        mask = cached_attention_mask(key_mask, index, inputs_embeds.shape[1], window=c.sliding_window)
         h = inputs_embeds.astype(self.dtype)
         new_cache = []
         for layer, (kc, vc) in zip(self.layers, cache):

@@ -91,12 +91,26 @@ def _token_counter(tok):
     return count
 
 
-def clean_splits(data, dcfg, tok, name: str):
+def _row_number(row, position: int) -> int:
+    """The row number errors name: ``meta["row"]`` (the row of the dataset file/split a real-data
+    adapter read it from) when the example carries one, else its position in the split."""
+    meta = getattr(row, "meta", None) if not isinstance(row, dict) else row.get("meta")
+    r = meta.get("row") if isinstance(meta, dict) else None
+    return r if isinstance(r, int) and not isinstance(r, bool) else position
+
+
+def clean_splits(data, dcfg, tok, name: str, *, lengths=None, report: SkippedRows | None = None):
     """Validate the train/val/test rows of ``data`` (``data.skip_bad_rows``, ``data.truncation``):
-    the first bad row raises :class:`DataError` naming ``<name>/<split> row i`` and the field, or,
+    the first bad row raises :class:`DataError` naming ``<name>/<split> row i`` (``i``: the row's
+    ``meta["row"]`` when a dataset adapter set it, else its position) and the field, or,
     with ``skip_bad_rows``, bad (and, unless truncating, over-long) rows are dropped, counted,
-    printed and recorded in ``data.info["skipped_rows"]``. Returns ``data`` with the kept rows."""
-    report, count, kept = SkippedRows(), _token_counter(tok), {}
+    printed and recorded in ``data.info["skipped_rows"]``. Returns ``data`` with the kept rows.
+
+    Lengths are counted with ``tok`` as :func:`alignshift.data.encode_pairs` sees them, or by
+    ``lengths`` (see :func:`~alignshift.data.schema.check_lengths`; chat templates). ``report``
+    continues an earlier one (rows a dataset adapter already skipped), so the record is the total."""
+    report = SkippedRows() if report is None else report
+    count, kept = (None if lengths is not None else _token_counter(tok)), {}
     policy = "skip" if (dcfg.truncation == "error" and dcfg.skip_bad_rows) else dcfg.truncation
     for split in ("train", "val", "test"):
         rows = getattr(data, split, None)
@@ -104,6 +118,7 @@ def clean_splits(data, dcfg, tok, name: str):
             continue
         src, idx, exs = f"{name}/{split}", [], []
         for i, r in enumerate(rows):
+            i = _row_number(r, i)
             try:
                 exs.append(validate_example(r, i, source=src))
                 idx.append(i)
@@ -113,7 +128,7 @@ def clean_splits(data, dcfg, tok, name: str):
                 report.add(src, e)
         kept[split] = check_lengths(exs, count, max_prompt_len=dcfg.max_prompt_len,
                                     max_completion_len=dcfg.max_completion_len, policy=policy, source=src,
-                                    report=report, indices=idx)
+                                    report=report, indices=idx, lengths=lengths)
         if rows and not kept[split]:
             raise DataError(f"{src}: no valid rows left ({report.by_source.get(src, 0)} skipped)")
     if report.count:

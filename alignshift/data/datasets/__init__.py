@@ -9,7 +9,9 @@
 file/folder in the dataset's published layout (see each module). ``DATASETS[name].schema``
 says whether the field names were confirmed from the published dataset card or inferred.
 Every loader raises :class:`alignshift.data.DataError` naming the dataset, row and field on
-malformed rows. CALI (an IW-DPO dataset) has no adapter: no public schema could be
+malformed rows, or, with ``load_dataset_splits(..., skip_bad_rows=True)`` (the CLI's
+``--skip-bad-rows``), drops them and counts them (``info["skipped_rows"]``, and the
+:class:`~alignshift.data.schema.SkippedRows` ``report`` when one is passed). CALI (an IW-DPO dataset) has no adapter: no public schema could be
 established (see ``docs``/report); convert it to the ``preference`` layout instead.
 """
 
@@ -19,6 +21,8 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+
+from alignshift.data.schema import SkippedRows
 
 from .base import CandidateExample, DatasetSplits, best_worst_pairs, load_rows, shift_split, zscore_columns
 from .emotion import emotion_mixture_pairs, emotion_prompts, load_emotion
@@ -44,7 +48,9 @@ __all__ = [
 class DatasetSpec:
     name: str
     hub_name: str  # default source ("" = a local path is required)
-    build: Callable[..., DatasetSplits]  # build(source, **kwargs) -> DatasetSplits
+    # build(source, *, skip_bad_rows, report, **kwargs) -> DatasetSplits; skip_bad_rows/report go
+    # to the row loaders (alignshift.data.schema.convert_rows)
+    build: Callable[..., DatasetSplits]
     kind: str  # "pairs" | "candidates" | "classification"
     schema: str  # "card" (field names confirmed from the published card/rows) | "inferred"
     description: str
@@ -89,13 +95,13 @@ def _pairs_builder(loader, train_split, val_split, test_split, *, optional_local
     return build
 
 
-def _pku_plain(source, *, label="helpfulness", val_ratio=0.0, seed=0, max_rows=None, name=None):
+def _pku_plain(source, *, label="helpfulness", val_ratio=0.0, seed=0, max_rows=None, name=None, **bad):
     return _pairs_builder(lambda s, sp, **k: load_pku_safe_rlhf(s, sp, label=label, name=name, **k),
-                          "train", None, "test")(source, val_ratio=val_ratio, seed=seed, max_rows=max_rows)
+                          "train", None, "test")(source, val_ratio=val_ratio, seed=seed, max_rows=max_rows, **bad)
 
 
 def _helpsteer2_mixture(source, *, weights=None, mixture=None, zscore=True, min_gap=0.0, objectives=None,
-                        max_rows=None, train_split="train", test_split="validation", val_ratio=0.0, seed=0):
+                        max_rows=None, train_split="train", test_split="validation", val_ratio=0.0, seed=0, **bad):
     if mixture is not None:
         if mixture not in WDPO_MIXTURES:
             raise ValueError(f"unknown WDPO mixture {mixture!r}; known: {sorted(WDPO_MIXTURES)}")
@@ -104,7 +110,7 @@ def _helpsteer2_mixture(source, *, weights=None, mixture=None, zscore=True, min_
     objs = tuple(objectives) if objectives else None
 
     def pairs(split):
-        c = load_helpsteer2_candidates(source, split, objectives=objs, max_rows=max_rows)
+        c = load_helpsteer2_candidates(source, split, objectives=objs, max_rows=max_rows, **bad)
         return helpsteer2_mixture_pairs(c, weights, zscore=zscore, min_gap=min_gap)
 
     train, val = _carve_val(pairs(train_split), val_ratio, seed)
@@ -113,24 +119,24 @@ def _helpsteer2_mixture(source, *, weights=None, mixture=None, zscore=True, min_
 
 
 def _ultrafeedback(source, *, weights=None, zscore=False, min_gap=0.0, max_rows=None, val_ratio=0.0, seed=0,
-                   test_ratio=0.0):
-    pairs = ultrafeedback_pairs(load_ultrafeedback_candidates(source, "train", max_rows=max_rows), weights,
+                   test_ratio=0.0, **bad):
+    pairs = ultrafeedback_pairs(load_ultrafeedback_candidates(source, "train", max_rows=max_rows, **bad), weights,
                                 zscore=zscore, min_gap=min_gap)
     rest, test = _carve_val(pairs, test_ratio, seed + 1)
     train, val = _carve_val(rest, val_ratio, seed)
     return DatasetSplits(train, val, test, {"weights": dict(weights or {"overall": 1.0})})
 
 
-def _emotion(source, *, max_rows=None, name=None, **_):
-    return DatasetSplits(load_emotion(source, "train", name=name, max_rows=max_rows),
-                         load_emotion(source, "validation", name=name, max_rows=max_rows),
-                         load_emotion(source, "test", name=name, max_rows=max_rows), {"kind": "classification"})
+def _emotion(source, *, max_rows=None, name=None, skip_bad_rows=False, report=None, **_):
+    bad = dict(name=name, max_rows=max_rows, skip_bad_rows=skip_bad_rows, report=report)
+    return DatasetSplits(load_emotion(source, "train", **bad), load_emotion(source, "validation", **bad),
+                         load_emotion(source, "test", **bad), {"kind": "classification"})
 
 
 def _candidates(source, *, weights=None, zscore=False, min_gap=0.0, max_rows=None, val_ratio=0.0, seed=0,
-                test_split=None):
+                test_split=None, **bad):
     def pairs(split):
-        return best_worst_pairs(load_candidates_file(source, split, max_rows=max_rows), weights or {"score": 1.0},
+        return best_worst_pairs(load_candidates_file(source, split, max_rows=max_rows, **bad), weights or {"score": 1.0},
                                 zscore=zscore, min_gap=min_gap)
     train, val = _carve_val(pairs("train"), val_ratio, seed)
     return DatasetSplits(train, val, pairs(test_split) if test_split else [], {})
@@ -174,15 +180,23 @@ for _spec in (
     register_dataset(_spec)
 
 
-def load_dataset_splits(name: str, source: str | None = None, **kwargs) -> DatasetSplits:
-    """Load registered dataset ``name`` from ``source`` (default: its hub name) into splits."""
+def load_dataset_splits(name: str, source: str | None = None, *, skip_bad_rows: bool = False,
+                        report: SkippedRows | None = None, **kwargs) -> DatasetSplits:
+    """Load registered dataset ``name`` from ``source`` (default: its hub name) into splits.
+
+    A malformed row raises :class:`~alignshift.data.DataError` naming the dataset, row and
+    field; with ``skip_bad_rows`` it is dropped and counted in ``report`` (a new
+    :class:`~alignshift.data.schema.SkippedRows` if None) and ``info["skipped_rows"]``."""
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}")
     spec = DATASETS[name]
     src = source or spec.hub_name
     if not src:
         raise ValueError(f"dataset {name!r} needs a source (a local file or folder)")
-    out = spec.build(src, **kwargs)
+    report = SkippedRows() if report is None else report
+    out = spec.build(src, skip_bad_rows=skip_bad_rows, report=report, **kwargs)
     out.info.setdefault("dataset", name)
     out.info.setdefault("source", src)
+    if report.count:
+        out.info["skipped_rows"] = {"count": report.count, "by_source": dict(report.by_source)}
     return out

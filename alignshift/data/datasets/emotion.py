@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from alignshift.data.preference_shift import mix_reward
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, convert_rows
 
 from .base import load_rows, require, require_text
 
@@ -32,19 +32,22 @@ LABELS = ("sadness", "joy", "love", "anger", "fear", "surprise")
 
 
 def load_emotion(source: str = HUB_NAME, split: str = "train", *, name: str | None = None,
-                 max_rows: int | None = None) -> list[dict]:
-    """``[{"text", "label" (int), "label_name", "row"}]``."""
+                 max_rows: int | None = None, skip_bad_rows: bool = False,
+                 report: SkippedRows | None = None) -> list[dict]:
+    """``[{"text", "label" (int), "label_name", "row"}]``; with ``skip_bad_rows`` malformed rows
+    are dropped and counted in ``report``."""
     rows = load_rows(source, split, name=name, max_rows=max_rows, dataset=NAME)
-    out = []
-    for i, r in enumerate(rows):
-        text = require_text(r, "text", i, NAME)
-        lab = require(r, "label", i, NAME)
-        if isinstance(lab, str) and lab in LABELS:
-            lab = LABELS.index(lab)
-        if isinstance(lab, bool) or not isinstance(lab, (int, np.integer)) or not 0 <= int(lab) < len(LABELS):
-            raise DataError(f"{NAME} row {i}: field 'label' must be a class id 0..5 or a label name, got {lab!r}")
-        out.append({"text": text, "label": int(lab), "label_name": LABELS[int(lab)], "row": i})
-    return out
+    return convert_rows(rows, _row, source=f"{NAME}/{split}", skip_bad_rows=skip_bad_rows, report=report)
+
+
+def _row(r, i: int) -> dict:
+    text = require_text(r, "text", i, NAME)
+    lab = require(r, "label", i, NAME)
+    if isinstance(lab, str) and lab in LABELS:
+        lab = LABELS.index(lab)
+    if isinstance(lab, bool) or not isinstance(lab, (int, np.integer)) or not 0 <= int(lab) < len(LABELS):
+        raise DataError(f"{NAME} row {i}: field 'label' must be a class id 0..5 or a label name, got {lab!r}")
+    return {"text": text, "label": int(lab), "label_name": LABELS[int(lab)], "row": i}
 
 
 def emotion_prompts(rows: Sequence[dict], *, n_words: int = 4, min_words: int = 6) -> list[str]:

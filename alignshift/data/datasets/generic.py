@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, convert_rows
 
 from .base import CandidateExample, load_rows, messages_or_text, require, require_text
 
@@ -36,62 +36,74 @@ def _response(value, i, field, name) -> tuple[list[dict], str]:
 
 
 def load_preference_file(source: str, split: str = "train", *, max_rows: int | None = None,
-                         name: str = "preference") -> list[PreferenceExample]:
+                         name: str = "preference", skip_bad_rows: bool = False,
+                         report: SkippedRows | None = None) -> list[PreferenceExample]:
+    """Pairs in the ``preference`` layout (module docstring); with ``skip_bad_rows`` malformed
+    rows are dropped and counted in ``report``."""
     rows = load_rows(source, split, max_rows=max_rows, dataset=name)
-    out = []
-    for i, r in enumerate(rows):
-        prompt_msgs = messages_or_text(require(r, "prompt", i, name), i, "prompt", name)
-        ctx_c, chosen = _response(require(r, "chosen", i, name), i, "chosen", name)
-        ctx_r, rejected = _response(require(r, "rejected", i, name), i, "rejected", name)
-        if ctx_c and ctx_r and ctx_c != ctx_r:
-            raise DataError(f"{name} row {i}: field 'rejected' has a different conversation than field 'chosen'")
-        if chosen.strip() == rejected.strip():
-            raise DataError(f"{name} row {i}: field 'rejected' is identical to field 'chosen'")
-        if prompt_msgs[-1]["role"] != "user" or not prompt_msgs[-1]["content"].strip():
-            raise DataError(f"{name} row {i}: field 'prompt' must end with a non-empty user message")
-        meta = dict(r.get("meta") or {})
-        if not isinstance(r.get("meta") or {}, Mapping):
-            raise DataError(f"{name} row {i}: field 'meta' must be a mapping")
-        meta.update({"source": meta.get("source", name), "row": i})
-        if len(prompt_msgs) > 1:
-            meta["prompt_messages"] = prompt_msgs
-        if r.get("weight") is not None:
-            w = r["weight"]
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                raise DataError(f"{name} row {i}: field 'weight' must be a number >= 0, got {w!r}")
-            meta["weight"] = float(w)
-        out.append(PreferenceExample(prompt_msgs[-1]["content"], chosen, rejected, meta))
-    return out
+    return convert_rows(rows, lambda r, i: _preference_row(r, i, name), source=f"{name}/{split}",
+                        skip_bad_rows=skip_bad_rows, report=report)
+
+
+def _preference_row(r, i: int, name: str) -> PreferenceExample:
+    prompt_msgs = messages_or_text(require(r, "prompt", i, name), i, "prompt", name)
+    ctx_c, chosen = _response(require(r, "chosen", i, name), i, "chosen", name)
+    ctx_r, rejected = _response(require(r, "rejected", i, name), i, "rejected", name)
+    if ctx_c and ctx_r and ctx_c != ctx_r:
+        raise DataError(f"{name} row {i}: field 'rejected' has a different conversation than field 'chosen'")
+    if chosen.strip() == rejected.strip():
+        raise DataError(f"{name} row {i}: field 'rejected' is identical to field 'chosen'")
+    if prompt_msgs[-1]["role"] != "user" or not prompt_msgs[-1]["content"].strip():
+        raise DataError(f"{name} row {i}: field 'prompt' must end with a non-empty user message")
+    if not isinstance(r.get("meta") or {}, Mapping):
+        raise DataError(f"{name} row {i}: field 'meta' must be a mapping")
+    meta = dict(r.get("meta") or {})
+    meta.update({"source": meta.get("source", name), "row": i})
+    if len(prompt_msgs) > 1:
+        meta["prompt_messages"] = prompt_msgs
+    if r.get("weight") is not None:
+        w = r["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise DataError(f"{name} row {i}: field 'weight' must be a number >= 0, got {w!r}")
+        meta["weight"] = float(w)
+    return PreferenceExample(prompt_msgs[-1]["content"], chosen, rejected, meta)
 
 
 def load_candidates_file(source: str, split: str = "train", *, max_rows: int | None = None,
-                         name: str = "candidates") -> list[CandidateExample]:
+                         name: str = "candidates", skip_bad_rows: bool = False,
+                         report: SkippedRows | None = None) -> list[CandidateExample]:
+    """Candidate sets in the ``candidates`` layout (module docstring); with ``skip_bad_rows``
+    malformed rows are dropped and counted in ``report``."""
     rows = load_rows(source, split, max_rows=max_rows, dataset=name)
-    out = []
-    for i, r in enumerate(rows):
-        prompt = require_text(r, "prompt", i, name)
-        cands = require(r, "candidates", i, name)
-        if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) and c.strip() for c in cands):
-            raise DataError(f"{name} row {i}: field 'candidates' must be a list of >= 2 non-empty strings")
-        scores = require(r, "scores", i, name)
-        if isinstance(scores, list):
-            scores = {"score": scores}
-        if not isinstance(scores, Mapping):
-            raise DataError(f"{name} row {i}: field 'scores' must be a list or a mapping objective -> list")
-        sc = {}
-        for k, v in scores.items():
-            if not isinstance(v, list) or len(v) != len(cands) or not all(
-                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                raise DataError(f"{name} row {i}: field 'scores' ({k}) must list one number per candidate")
-            sc[k] = [float(x) for x in v]
-        meta = {**dict(r.get("meta") or {}), "source": name, "row": i}
-        for key in ("probs", "source_ids"):
-            if r.get(key) is not None:
-                v = r[key]
-                if not isinstance(v, list) or len(v) != len(cands):
-                    raise DataError(f"{name} row {i}: field {key!r} must list one value per candidate")
-                if key == "probs" and not all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for x in v):
-                    raise DataError(f"{name} row {i}: field 'probs' must hold probabilities in [0, 1]")
-                meta[key] = list(v)
-        out.append(CandidateExample(prompt, list(cands), sc, meta))
-    return out
+    return convert_rows(rows, lambda r, i: _candidates_row(r, i, name), source=f"{name}/{split}",
+                        skip_bad_rows=skip_bad_rows, report=report)
+
+
+def _candidates_row(r, i: int, name: str) -> CandidateExample:
+    prompt = require_text(r, "prompt", i, name)
+    cands = require(r, "candidates", i, name)
+    if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) and c.strip() for c in cands):
+        raise DataError(f"{name} row {i}: field 'candidates' must be a list of >= 2 non-empty strings")
+    scores = require(r, "scores", i, name)
+    if isinstance(scores, list):
+        scores = {"score": scores}
+    if not isinstance(scores, Mapping):
+        raise DataError(f"{name} row {i}: field 'scores' must be a list or a mapping objective -> list")
+    sc = {}
+    for k, v in scores.items():
+        if not isinstance(v, list) or len(v) != len(cands) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise DataError(f"{name} row {i}: field 'scores' ({k}) must list one number per candidate")
+        sc[k] = [float(x) for x in v]
+    if not isinstance(r.get("meta") or {}, Mapping):
+        raise DataError(f"{name} row {i}: field 'meta' must be a mapping")
+    meta = {**dict(r.get("meta") or {}), "source": name, "row": i}
+    for key in ("probs", "source_ids"):
+        if r.get(key) is not None:
+            v = r[key]
+            if not isinstance(v, list) or len(v) != len(cands):
+                raise DataError(f"{name} row {i}: field {key!r} must list one value per candidate")
+            if key == "probs" and not all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for x in v):
+                raise DataError(f"{name} row {i}: field 'probs' must hold probabilities in [0, 1]")
+            meta[key] = list(v)
+    return CandidateExample(prompt, list(cands), sc, meta)

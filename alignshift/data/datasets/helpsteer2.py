@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, convert_rows
 
 from .base import CandidateExample, best_worst_pairs, load_rows, require, require_text
 
@@ -50,44 +50,51 @@ def _score(v, i, field):
 
 def load_helpsteer2_candidates(source: str = HUB_NAME, split: str = "train", *,
                                objectives: tuple[str, ...] | None = None,
-                               max_rows: int | None = None) -> list[CandidateExample]:
-    """Candidates per prompt, in first-appearance order (module docstring for both layouts)."""
+                               max_rows: int | None = None, skip_bad_rows: bool = False,
+                               report: SkippedRows | None = None) -> list[CandidateExample]:
+    """Candidates per prompt, in first-appearance order (module docstring for both layouts).
+    With ``skip_bad_rows`` malformed rows are dropped and counted in ``report``."""
     rows = load_rows(source, split, max_rows=max_rows, dataset=NAME)
-    out: list[CandidateExample] = []
+    bad = dict(source=f"{NAME}/{split}", skip_bad_rows=skip_bad_rows, report=report)
     if rows and "responses" in rows[0]:  # per-prompt generated layout
-        for i, r in enumerate(rows):
-            prompt = require_text(r, "prompt", i, NAME)
-            resp = require(r, "responses", i, NAME)
-            if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(x, str) for x in resp):
-                raise DataError(f"{NAME} row {i}: field 'responses' must be a list of >= 2 strings")
-            scores = require(r, "scores", i, NAME)
-            if not isinstance(scores, Mapping):
-                raise DataError(f"{NAME} row {i}: field 'scores' must map objective -> list of scores")
-            objs = objectives or tuple(scores)
-            sc = {}
-            for o in objs:
-                if o not in scores:
-                    raise DataError(f"{NAME} row {i}: field 'scores' lacks objective {o!r}")
-                vals = scores[o]
-                if not isinstance(vals, list) or len(vals) != len(resp):
-                    raise DataError(f"{NAME} row {i}: field 'scores.{o}' must list one score per response")
-                sc[o] = [math.nan if v is None else _score(v, i, f"scores.{o}") for v in vals]
-            out.append(CandidateExample(prompt, list(resp), sc, {"source": NAME, "row": i}))
-        return out
+        return convert_rows(rows, lambda r, i: _generated_row(r, i, objectives), **bad)
     objs = objectives or ATTRIBUTES
     groups: dict[str, dict] = {}
-    for i, r in enumerate(rows):
-        prompt = require_text(r, "prompt", i, NAME)
-        resp = require_text(r, "response", i, NAME)
+    for i, prompt, resp, scores in convert_rows(rows, lambda r, i: _rated_row(r, i, objs), **bad):
         g = groups.setdefault(prompt, {"rows": [], "responses": [], "scores": {o: [] for o in objs}})
         g["rows"].append(i)
         g["responses"].append(resp)
         for o in objs:
-            g["scores"][o].append(_score(require(r, o, i, NAME), i, o))
-    for prompt, g in groups.items():
-        out.append(CandidateExample(prompt, g["responses"], g["scores"],
-                                    {"source": NAME, "row": g["rows"][0], "rows": g["rows"]}))
-    return out
+            g["scores"][o].append(scores[o])
+    return [CandidateExample(prompt, g["responses"], g["scores"], {"source": NAME, "row": g["rows"][0],
+                                                                   "rows": g["rows"]})
+            for prompt, g in groups.items()]
+
+
+def _generated_row(r, i: int, objectives) -> CandidateExample:
+    prompt = require_text(r, "prompt", i, NAME)
+    resp = require(r, "responses", i, NAME)
+    if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(x, str) for x in resp):
+        raise DataError(f"{NAME} row {i}: field 'responses' must be a list of >= 2 strings")
+    scores = require(r, "scores", i, NAME)
+    if not isinstance(scores, Mapping):
+        raise DataError(f"{NAME} row {i}: field 'scores' must map objective -> list of scores")
+    sc = {}
+    for o in objectives or tuple(scores):
+        if o not in scores:
+            raise DataError(f"{NAME} row {i}: field 'scores' lacks objective {o!r}")
+        vals = scores[o]
+        if not isinstance(vals, list) or len(vals) != len(resp):
+            raise DataError(f"{NAME} row {i}: field 'scores.{o}' must list one score per response")
+        sc[o] = [math.nan if v is None else _score(v, i, f"scores.{o}") for v in vals]
+    return CandidateExample(prompt, list(resp), sc, {"source": NAME, "row": i})
+
+
+def _rated_row(r, i: int, objs) -> tuple[int, str, str, dict]:
+    """One (prompt, response) row of the published layout: ``(row, prompt, response, scores)``."""
+    prompt = require_text(r, "prompt", i, NAME)
+    resp = require_text(r, "response", i, NAME)
+    return i, prompt, resp, {o: _score(require(r, o, i, NAME), i, o) for o in objs}
 
 
 def helpsteer2_mixture_pairs(candidates: list[CandidateExample], weights: Mapping[str, float], *,

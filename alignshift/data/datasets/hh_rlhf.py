@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, convert_rows
 
 from .base import load_rows, require_text
 
@@ -53,40 +53,45 @@ def parse_turns(prompt: str) -> list[dict]:
 
 
 def load_hh_rlhf(source: str = HUB_NAME, split: str = "train", *, data_dir: str | None = None,
-                 format: str = "chat", max_rows: int | None = None) -> list[PreferenceExample]:
+                 format: str = "chat", max_rows: int | None = None, skip_bad_rows: bool = False,
+                 report: SkippedRows | None = None) -> list[PreferenceExample]:
+    """Pairs of ``split`` (module docstring); with ``skip_bad_rows`` malformed rows are dropped
+    and counted in ``report``."""
     if format not in ("chat", "raw"):
         raise ValueError(f"format must be 'chat' or 'raw', got {format!r}")
     rows = load_rows(source, split, data_dir=data_dir, max_rows=max_rows, dataset=NAME)
-    out = []
-    for i, r in enumerate(rows):
-        c_text = require_text(r, "chosen", i, NAME)
-        r_text = require_text(r, "rejected", i, NAME)
-        try:
-            pc, chosen = split_transcript(c_text)
-        except ValueError:
-            raise DataError(f"{NAME} row {i}: field 'chosen' has no '\\n\\nAssistant:' turn") from None
-        try:
-            pr, rejected = split_transcript(r_text)
-        except ValueError:
-            raise DataError(f"{NAME} row {i}: field 'rejected' has no '\\n\\nAssistant:' turn") from None
-        if pc != pr:
-            raise DataError(f"{NAME} row {i}: field 'rejected' does not share the conversation of field 'chosen'")
-        if not chosen:
-            raise DataError(f"{NAME} row {i}: field 'chosen' has an empty final response")
-        if not rejected:
-            raise DataError(f"{NAME} row {i}: field 'rejected' has an empty final response")
-        if chosen == rejected:
-            raise DataError(f"{NAME} row {i}: field 'rejected' is identical to field 'chosen'")
-        meta = {"source": NAME, "row": i, "subset": data_dir or ""}
-        if format == "raw":
-            prompt = pc
-            meta["raw_prompt"] = True
-        else:
-            msgs = parse_turns(pc)
-            if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"]:
-                raise DataError(f"{NAME} row {i}: field 'chosen' does not end with a human turn before the response")
-            prompt = msgs[-1]["content"]
-            if len(msgs) > 1:
-                meta["prompt_messages"] = msgs
-        out.append(PreferenceExample(prompt, chosen, rejected, meta))
-    return out
+    return convert_rows(rows, lambda r, i: _row_to_example(r, i, data_dir=data_dir, format=format),
+                        source=f"{NAME}/{split}", skip_bad_rows=skip_bad_rows, report=report)
+
+
+def _row_to_example(r, i: int, *, data_dir: str | None, format: str) -> PreferenceExample:
+    c_text = require_text(r, "chosen", i, NAME)
+    r_text = require_text(r, "rejected", i, NAME)
+    try:
+        pc, chosen = split_transcript(c_text)
+    except ValueError:
+        raise DataError(f"{NAME} row {i}: field 'chosen' has no '\\n\\nAssistant:' turn") from None
+    try:
+        pr, rejected = split_transcript(r_text)
+    except ValueError:
+        raise DataError(f"{NAME} row {i}: field 'rejected' has no '\\n\\nAssistant:' turn") from None
+    if pc != pr:
+        raise DataError(f"{NAME} row {i}: field 'rejected' does not share the conversation of field 'chosen'")
+    if not chosen:
+        raise DataError(f"{NAME} row {i}: field 'chosen' has an empty final response")
+    if not rejected:
+        raise DataError(f"{NAME} row {i}: field 'rejected' has an empty final response")
+    if chosen == rejected:
+        raise DataError(f"{NAME} row {i}: field 'rejected' is identical to field 'chosen'")
+    meta = {"source": NAME, "row": i, "subset": data_dir or ""}
+    if format == "raw":
+        prompt = pc
+        meta["raw_prompt"] = True
+    else:
+        msgs = parse_turns(pc)
+        if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"]:
+            raise DataError(f"{NAME} row {i}: field 'chosen' does not end with a human turn before the response")
+        prompt = msgs[-1]["content"]
+        if len(msgs) > 1:
+            meta["prompt_messages"] = msgs
+    return PreferenceExample(prompt, chosen, rejected, meta)

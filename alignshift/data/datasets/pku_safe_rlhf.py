@@ -27,7 +27,7 @@ helpful-harmful pair to be safe (a clean "helpfulness vs safety" conflict).
 
 from __future__ import annotations
 
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, convert_rows
 
 from .base import DatasetSplits, load_rows, require, require_text, shift_split
 
@@ -86,25 +86,30 @@ def pku_row_to_example(row: dict, i: int, *, label: str = "helpfulness") -> Pref
 
 
 def load_pku_safe_rlhf(source: str = HUB_NAME, split: str = "train", *, name: str | None = None,
-                       label: str = "helpfulness", max_rows: int | None = None) -> list[PreferenceExample]:
-    """Rows of ``split`` as preference examples (see the module docstring)."""
+                       label: str = "helpfulness", max_rows: int | None = None, skip_bad_rows: bool = False,
+                       report: SkippedRows | None = None) -> list[PreferenceExample]:
+    """Rows of ``split`` as preference examples (see the module docstring); with
+    ``skip_bad_rows`` malformed rows are dropped and counted in ``report``."""
     rows = load_rows(source, split, name=name, max_rows=max_rows, dataset=NAME)
-    return [pku_row_to_example(r, i, label=label) for i, r in enumerate(rows)]
+    return convert_rows(rows, lambda r, i: pku_row_to_example(r, i, label=label), source=f"{NAME}/{split}",
+                        skip_bad_rows=skip_bad_rows, report=report)
 
 
 def iw_dpo_splits(source: str = HUB_NAME, *, name: str | None = None, deploy_fraction: float = 0.25,
                   val_ratio: float = 1.0 / 50.0, n_test: int | None = None, use_test_split: bool = True,
-                  strict: bool = False, seed: int = 0, max_rows: int | None = None) -> DatasetSplits:
+                  strict: bool = False, seed: int = 0, max_rows: int | None = None, skip_bad_rows: bool = False,
+                  report: SkippedRows | None = None) -> DatasetSplits:
     """The IW-DPO PKU-SafeRLHF recipe (module docstring) -> ``DatasetSplits(train, val, test)``.
 
     With ``use_test_split`` the test set is the helpful-harmless pairs of the dataset's own
     ``test`` split; otherwise it is carved out of ``train``'s helpful-harmless pairs.
     """
-    train_rows = load_pku_safe_rlhf(source, "train", name=name, max_rows=max_rows)
+    bad = dict(skip_bad_rows=skip_bad_rows, report=report)
+    train_rows = load_pku_safe_rlhf(source, "train", name=name, max_rows=max_rows, **bad)
     if strict:
         train_rows = [e for e in train_rows
                       if e.meta["category"] == HELPFUL_HARMLESS or e.meta["rejected_safe"]]
-    test_rows = load_pku_safe_rlhf(source, "test", name=name, max_rows=max_rows) if use_test_split else None
+    test_rows = load_pku_safe_rlhf(source, "test", name=name, max_rows=max_rows, **bad) if use_test_split else None
     out = shift_split(train_rows, lambda e: e.meta["category"] == HELPFUL_HARMLESS,
                       deploy_fraction=deploy_fraction, val_ratio=val_ratio, n_test=n_test,
                       test_examples=test_rows, seed=seed)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, convert_rows
 
 from .base import DatasetSplits, load_rows, require, require_number, require_text, shift_split
 
@@ -61,13 +61,16 @@ def shp_row_to_example(row: dict, i: int) -> PreferenceExample:
 
 def load_shp(source: str = HUB_NAME, split: str = "train", *, data_dir: str | None = None,
              domains: Sequence[str] | None = None, min_score_ratio: float = 2.0,
-             max_pairs_per_post: int | None = 5, max_rows: int | None = None) -> list[PreferenceExample]:
+             max_pairs_per_post: int | None = 5, max_rows: int | None = None, skip_bad_rows: bool = False,
+             report: SkippedRows | None = None) -> list[PreferenceExample]:
     """SHP pairs of ``split`` after score-ratio / per-post / domain filtering (module docstring).
 
     Pairs of a post are kept in order of decreasing score ratio up to ``max_pairs_per_post``.
+    With ``skip_bad_rows`` malformed rows are dropped and counted in ``report``.
     """
     rows = load_rows(source, split, data_dir=data_dir, max_rows=max_rows, dataset=NAME)
-    exs = [shp_row_to_example(r, i) for i, r in enumerate(rows)]
+    exs = convert_rows(rows, shp_row_to_example, source=f"{NAME}/{split}", skip_bad_rows=skip_bad_rows,
+                       report=report)
     if domains is not None:
         wanted = {_domain(d) for d in domains}
         exs = [e for e in exs if e.meta["domain"] in wanted]
