@@ -21,12 +21,21 @@ Writes ``summary.json`` (design schema: ``methods`` = policies, plus ``reward_mo
 ``metrics.jsonl``, ``results.md`` and per-seed summaries.
 
     python experiments/flr.py --config experiments/configs/flr.yaml --out results/flr [--quick]
+
+The command line is the one every experiment script shares (:mod:`alignshift.cli`):
+``--config --out --seeds --quick --resume --methods --dry-run --skip-bad-rows`` and dotted
+overrides (``flr.n_samples=4``; the ``flr:`` section is :class:`FLRSettings`). ``--methods``
+picks the preference methods trained on every labelled set. ``--dry-run`` plans the policy
+model (the ``flr:`` section is not planned). ``--resume`` works per seed, not per step (this
+script writes no checkpoints; a seed takes minutes): a seed whose ``seed_<s>/summary.json``
+exists in ``--out`` from the same config is reused, an unfinished seed is rerun from scratch
+and its partial records are removed from ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -35,8 +44,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alignshift.cli import prepare_out_dir
-from alignshift.config import ConfigError, ExperimentConfig, load_config, to_dict
+from alignshift.cli import experiment_parser, parse_experiment_args, prepare_out_dir
+from alignshift.config import ConfigError, ExperimentConfig, to_dict
 from alignshift.data import encode_pairs, encode_prompts, make_scenario
 from alignshift.eval.report import aggregate_seeds, format_table, write_json_atomic
 from alignshift.eval.shift_eval import sample_and_score, win_rate
@@ -78,17 +87,12 @@ RM_COLUMNS = [("pair_acc", "test pair acc."), ("pearson", "Pearson vs quality"),
               ("spearman", "Spearman vs quality")]
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--out", default="results/flr")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="reduced run (~1-2 minutes on a CPU)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. flr.n_samples=4")
-    args = p.parse_args(argv)
-    ov = list(args.overrides) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
+def parse_args(argv=None):
+    """The shared experiment command line (:func:`alignshift.cli.parse_experiment_args`), loaded
+    as :class:`FLRExperimentConfig` (``--dry-run`` exits inside ``parser.parse_args``)."""
+    parser = experiment_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/flr")
+    args, cfg = parse_experiment_args(parser, argv, cls=FLRExperimentConfig)
     try:
-        cfg = load_config(args.config, ov, quick=args.quick, cls=FLRExperimentConfig)
         if cfg.data.scenario != "followup":
             raise ConfigError(f"experiments/flr.py needs data.scenario=followup, got {cfg.data.scenario!r}")
         bad = [x for x in cfg.flr.labelers if x not in LABELER_NAMES]
@@ -209,15 +213,58 @@ def run_seed(cfg: FLRExperimentConfig, seed: int, out: str, writer: JsonlWriter)
     return summary, rm_summary
 
 
+def finished_seeds(cfg: FLRExperimentConfig, out: str) -> dict[int, tuple[dict, dict]]:
+    """``--resume``: ``{seed: (summary, rm_summary)}`` of the seeds whose ``seed_<s>/summary.json``
+    (written last by :func:`run_seed`) exists; one from another config is an error."""
+    want = json.loads(json.dumps(to_dict(cfg)))
+    done = {}
+    for k in range(cfg.seeds):
+        seed = cfg.seed + k
+        path = os.path.join(out, f"seed_{seed}", "summary.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as fh:
+            s = json.load(fh)
+        if s.get("config") != want or "reward_models" not in s:
+            raise SystemExit(f"error: --resume: {path} was produced by a different config; "
+                             "use a new --out or drop --resume")
+        summary = {k2: v for k2, v in s.items() if k2 != "reward_models"}
+        done[seed] = (summary, {"scenario": s["scenario"], "seed": seed, "methods": s["reward_models"], "config": {}})
+    return done
+
+
+def _keep_records_of(path: str, seeds) -> None:
+    """Drop from ``metrics.jsonl`` the records of seeds that did not finish (they are rerun)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip() and json.loads(ln).get("seed") in seeds]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(lines)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> dict:
-    args, cfg = _parse(argv)
+    args, cfg = parse_args(argv)
     out = args.out
-    prepare_out_dir(out, cfg, resume=False)
+    prepare_out_dir(out, cfg, resume=args.resume)
     t0 = time.perf_counter()
     print(f"alignshift FLR: scenario={cfg.data.scenario} seeds={cfg.seeds} methods={[m.name for m in cfg.methods]} "
           f"labelers={cfg.flr.labelers}", flush=True)
-    writer = JsonlWriter(os.path.join(out, "metrics.jsonl"), static={"scenario": cfg.data.scenario})
-    runs = [run_seed(cfg, cfg.seed + k, out, writer) for k in range(cfg.seeds)]
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    done = finished_seeds(cfg, out) if args.resume else {}
+    if args.resume:
+        _keep_records_of(metrics_path, set(done))
+    writer = JsonlWriter(metrics_path, static={"scenario": cfg.data.scenario})
+    runs = []
+    for k in range(cfg.seeds):
+        seed = cfg.seed + k
+        if seed in done:
+            print(f"  seed {seed}: finished in {out}/seed_{seed}/summary.json, reused (--resume)", flush=True)
+            runs.append(done[seed])
+        else:
+            runs.append(run_seed(cfg, seed, out, writer))
     writer.close()
     summary = aggregate_seeds([r[0] for r in runs])
     rm = aggregate_seeds([r[1] for r in runs])

@@ -1,4 +1,5 @@
-"""Helpers shared by the notebooks: they read ONLY ``summary.json`` and ``metrics.jsonl``.
+"""Helpers shared by the notebooks: they read ONLY ``summary.json`` (and the per-seed
+``seed_<s>/summary.json``) and ``metrics.jsonl``.
 
 Results root: ``$ALIGNSHIFT_RESULTS`` or ``../results`` (the experiments' default ``--out``
 parent) relative to this folder. A missing run is reported, not an error, so every notebook
@@ -47,6 +48,27 @@ def load_run(name: str, root: Path | None = None):
         with open(m) as f:
             records = [json.loads(line) for line in f if line.strip()]
     return summary, records
+
+
+def load_seed_summaries(name: str, root: Path | None = None) -> list[dict]:
+    """The per-seed ``<root>/<name>/seed_<s>/summary.json`` files, by seed (``[]`` if none)."""
+    d = (root or results_root()) / name
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.glob("seed_*/summary.json"):
+        with open(p) as f:
+            out.append(json.load(f))
+    return sorted(out, key=lambda s: s.get("seed", 0))
+
+
+def _cell(m: dict, k: str, n: int, fmt: str = ".3f") -> str:
+    v = m.get(k)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if n > 1 and f"{k}_sem" in m:
+        return f"{v:{fmt}} ± {m[f'{k}_sem']:{fmt}}"
+    return f"{v:{fmt}}"
 
 
 def metric_names(summary: dict) -> list[str]:
@@ -254,3 +276,137 @@ def show(fig):
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     display(Image(data=buf.getvalue(), format="png"))
+
+
+# ---------------------------------------------------------------------------- DoRA (dora.py)
+
+
+def dora_classifier_table(summary: dict) -> pd.DataFrame:
+    """``summary["diagnostics"]`` of a ``dora.py`` run: per source classifier (``pooled``, or one
+    per synthetic source), its held-out accuracy / AUC / ECE / Brier / NLL / base rate (mean
+    over seeds), next to the same classifier on the generator's own features (the
+    ``oracle_feature_classifier``: how much source signal the hidden states lose)."""
+    d = summary.get("diagnostics") or {}
+    rows = {}
+    for name, r in (d.get("classifier") or {}).items():
+        row = {k: r.get(k, float("nan")) for k in ("accuracy", "auc", "ece", "brier", "nll", "base_rate")}
+        o = (d.get("oracle_feature_classifier") or {}).get(name, {})
+        row.update({f"oracle-feature {k}": o.get(k, float("nan")) for k in ("accuracy", "auc", "ece")})
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index").round(3)
+
+
+def dora_weight_table(summary: dict) -> pd.DataFrame:
+    """Mean calibration weight h̃ per response and H per list, by true source (mean over seeds);
+    the target source should get the largest weight."""
+    d = summary.get("diagnostics") or {}
+    h, H = d.get("mean_h_by_source") or {}, d.get("mean_H_by_source") or {}
+    return pd.DataFrame({"mean h̃ (response)": h, "mean H (list)": H}).round(3)
+
+
+def dora_weight_stats(summary: dict) -> dict:
+    """Scalar weight diagnostics: ESS of H (fraction of lists), share of the total weight on
+    target lists, the largest h̃."""
+    d = summary.get("diagnostics") or {}
+    return {k: round(float(d[k]), 4) for k in ("H_ess", "share_of_H_on_target", "h_max") if k in d}
+
+
+def paired_table(summary: dict) -> pd.DataFrame:
+    """``summary["paired"]`` (dora.py): DoRA minus each ablation, paired by seed: mean ± s.e. of
+    the difference and the number of seeds where DoRA is higher."""
+    n = summary.get("n_seeds", 1)
+    rows = {}
+    for name, r in (summary.get("paired") or {}).items():
+        rows[name] = {k: f"{r[k]:+.4f} ± {r.get(k + '_sem', 0.0):.4f} ({r.get(k + '_n_positive', '?')}/{n} > 0)"
+                      for k in ("target_pref_acc", "target_pref_acc_flat", "target_reward") if k in r}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def plot_source_reliability(seed_summaries: list[dict]):
+    """Reliability diagram of DoRA's source classifier on its held-out split, one line per seed
+    (from ``seed_<s>/summary.json``: ``diagnostics.classifier.reports.<name>.bins``)."""
+    reports = [(s.get("seed"), name, r) for s in seed_summaries
+               for name, r in ((s.get("diagnostics") or {}).get("classifier") or {}).get("reports", {}).items()
+               if r.get("bins")]
+    if not reports:
+        print("no classifier reliability bins in the per-seed summaries")
+        return None
+    names = sorted({name for _, name, _ in reports})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+        for seed, n2, r in reports:
+            if n2 != name:
+                continue
+            b = [x for x in r["bins"] if x.get("count", 0) > 0 and not math.isnan(x["mean_p"])]
+            ax.plot([x["mean_p"] for x in b], [x["frac_pos"] for x in b], "o-", ms=3,
+                    label=f"seed {seed} (ECE {r['ece']:.3f})")
+        ax.set_title(f"source classifier `{name}`: P(target)")
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("observed fraction from the target source")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- FLR (flr.py)
+
+
+def _rm_kind(name: str) -> tuple[str, str, str]:
+    """``(reward, mode, aggregation)`` of a ``reward_models`` row name written by flr.py:
+    ``FLR`` (= likelihood, difference), ``FLR <mode> <aggregation>``, ``Direct``, others."""
+    parts = name.split()
+    if name == "FLR":
+        return "FLR", "likelihood", "difference"
+    if parts[0] == "FLR" and len(parts) == 3:
+        return "FLR", parts[1], parts[2]
+    return name, "—", "—"
+
+
+def reward_models_table(summary: dict, metrics=("pair_acc", "pearson", "spearman")) -> pd.DataFrame:
+    """``summary["reward_models"]`` (flr.py): every FLR mode × aggregation, Direct and the
+    length baseline, with pairwise accuracy on the ground-truth test pairs and Pearson /
+    Spearman against the quality of the individual test responses (mean ± s.e.)."""
+    rms = summary.get("reward_models") or {}
+    n = summary.get("n_seeds", 1)
+    rows = []
+    for name, m in rms.items():
+        reward, mode, agg = _rm_kind(name)
+        rows.append({"reward model": name, "reward": reward, "mode": mode, "aggregation": agg,
+                     **{k: _cell(m, k, n) for k in metrics if k in m}})
+    return pd.DataFrame(rows).set_index("reward model") if rows else pd.DataFrame()
+
+
+def flr_grid(summary: dict, metric: str = "pair_acc") -> pd.DataFrame:
+    """``metric`` (mean over seeds) of FLR as a mode × aggregation grid, with Direct (and any
+    other non-FLR reward) as extra rows for comparison."""
+    rms = summary.get("reward_models") or {}
+    grid: dict = {}
+    for name, m in rms.items():
+        reward, mode, agg = _rm_kind(name)
+        if metric not in m:
+            continue
+        if reward == "FLR":
+            grid.setdefault(f"FLR {mode}", {})[agg] = m[metric]
+        else:
+            grid.setdefault(reward, {})["(no aggregation)"] = m[metric]
+    df = pd.DataFrame.from_dict(grid, orient="index").round(3)
+    return df.astype(object).where(df.notna(), "—")
+
+
+def mined_correlation_table(summary: dict) -> pd.DataFrame:
+    """flr.py's ``mined_reward_correlation``: per seed, Spearman of each labeller's scores with
+    the ground-truth quality of the sampled (mined) responses."""
+    per_seed = summary.get("mined_reward_correlation") or []
+    if isinstance(per_seed, dict):
+        per_seed = [per_seed]
+    seeds = summary.get("seeds") or list(range(len(per_seed)))
+    return pd.DataFrame(per_seed, index=[f"seed {s}" for s in seeds[: len(per_seed)]]).round(3)
+
+
+def rm_summary(summary: dict) -> dict:
+    """``summary`` with ``methods`` = its reward models, for :func:`plot_bars` / :func:`methods_table`."""
+    return {**summary, "methods": summary.get("reward_models") or {}}
