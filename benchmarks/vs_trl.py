@@ -138,8 +138,12 @@ def _ours(a, root, precompute: bool):
     state = init_state(params, tx)
     logits_fn = make_logits_fn(graphdef, rest)
 
-    def convert(tb):
+    def convert(tb, length):
+        # right-pad to one fixed length (as our trainer does: data.max_*_len), so the jitted step
+        # compiles once; TRL pads each batch to its own longest sequence
         ids, am, cm = (np.asarray(tb[k].numpy(), np.int32) for k in ("input_ids", "attention_mask", "completion_mask"))
+        pad = ((0, 0), (0, length - ids.shape[1]))
+        ids, am, cm = (np.pad(x, pad) for x in (ids, am, cm))
         B = ids.shape[0] // 2
         b = {}
         for g, sl in (("chosen", slice(0, B)), ("rejected", slice(B, None))):
@@ -162,7 +166,8 @@ def bench_mode(a, root, tok, rows, mode: str) -> tuple[float, float]:
     trainer, trl_step = _trl_trainer(a, root, tok, rows, precompute)
     batches = list(trainer.get_train_dataloader())
     convert, our_step = _ours(a, root, precompute)
-    ours_b = [convert(b) for b in batches]  # conversion (and our precompute) outside the timing
+    length = max(b["input_ids"].shape[1] for b in batches)
+    ours_b = [convert(b, length) for b in batches]  # conversion (and our precompute) outside the timing
     n = len(batches)
     for i in range(a.warmup):
         trl_step(batches[i % n])
