@@ -1,7 +1,9 @@
 """experiments/preference_hf.py end to end: an HF model folder (tiny, written here) + a dataset
-in the generic preference layout -> training on a mesh -> summary.json the notebooks read."""
+in the generic preference layout -> training on a mesh -> summary.json the notebooks read; and
+DoRA on the candidates layout (K = 4, classifier probs and source ids -> source columns)."""
 
 import json
+import math
 import os
 import sys
 
@@ -158,3 +160,131 @@ def test_more_than_one_seed_is_refused(tmp_path, capsys):
             preference_hf.main(["--config", path, "--out", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "config key 'seeds' (--seeds) is" in err and "seed=S" in err
+
+
+# ---- DoRA on candidates data: K = 4 candidates per prompt with classifier 'probs' and
+# 'source_ids' (the dora_hh_mistral layout) -> source_prob / source_share [N, 4] columns
+K4_SHARES = [0.4, 0.3, 0.2, 0.1]  # distinct per source id, so the mapping is visible
+
+
+def _candidates_data(tmp_path, n_train=24, n_test=8, drop_probs_row=None):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "cands"
+    d.mkdir()
+    rows = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows[split] = []
+        with open(d / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                q = " ".join(rng.choice(["how", "what", "why", "is", "it", "the", "sky", "sea"], 4))
+                cands = [" ".join(rng.choice(words, rng.integers(1, 4)))
+                         for words in (["good", "great"], ["fine"], ["poor"], ["bad", "awful"])]
+                perm = rng.permutation(4)  # candidate order in the file is not the score order
+                row = {"prompt": q, "candidates": [cands[j] for j in perm],
+                       "scores": [float(3 - j) for j in perm]}
+                if split == "train":  # the test split needs no classifier outputs
+                    row["probs"] = [round(float(x), 3) for x in rng.uniform(0.05, 0.95, 4)]
+                    row["source_ids"] = [int(x) for x in rng.permutation(4)]
+                    if i == drop_probs_row:
+                        del row["probs"]
+                rows[split].append(row)
+                f.write(json.dumps(row) + "\n")
+    return str(d), rows
+
+
+def _dora_config(tmp_path, data_dir, **kwargs):
+    path = _config(tmp_path, data_dir)
+    cfg = yaml.safe_load(open(path))
+    cfg["data"].update({"dataset": "candidates",
+                        "dataset_kwargs": {"test_split": "test", "source_shares": K4_SHARES, **kwargs}})
+    cfg["train"].update({"steps": 3, "log_every": 1})
+    cfg["methods"] = [{"name": "dpo_dora", "base": "dpo", "base_kwargs": {"beta": 0.5}, "weighting": "dora",
+                       "weighting_kwargs": {"lam": 1.0, "alpha": 0.25}}]
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def test_source_columns_from_candidates_probs_and_source_ids(tmp_path):
+    from preference_hf import source_columns, split_source_kwargs
+
+    from alignshift.config import ConfigError, load_config
+    from alignshift.data.datasets import load_dataset_splits
+    from alignshift.data.schema import DataError
+
+    data, rows = _candidates_data(tmp_path)
+    cfg = load_config(_dora_config(tmp_path, data, max_rows=100))
+    kwargs, spec = split_source_kwargs(cfg)
+    # the share keys are this script's, not the loader's (which rejects unknown kwargs)
+    assert kwargs == {"test_split": "test", "max_rows": 100}
+    assert spec["shares"] == K4_SHARES and spec["methods"] == {"dpo_dora": "dora"} and spec["splits"] == {"train"}
+    train = load_dataset_splits("candidates", data, **kwargs).train
+    assert len(train) == len(rows["train"])
+    cols = source_columns(train, spec, source="candidates/train")
+    # all K = 4 candidates of each prompt, in the file's order (not just the chosen/rejected pair)
+    want_p = np.asarray([r["probs"] for r in rows["train"]], np.float32)
+    want_a = np.asarray([[K4_SHARES[s] for s in r["source_ids"]] for r in rows["train"]], np.float32)
+    assert cols["source_prob"].shape == cols["source_share"].shape == (len(train), 4)
+    np.testing.assert_array_equal(cols["source_prob"], want_p)
+    np.testing.assert_array_equal(cols["source_share"], want_a)
+    # rows without source_ids: the scalar source_share for every candidate
+    bare = [e.__class__(e.prompt, e.chosen, e.rejected, {k: v for k, v in e.meta.items() if k != "source_ids"})
+            for e in train]
+    one = source_columns(bare, {**spec, "share": 0.75}, source="candidates/train")
+    np.testing.assert_array_equal(one["source_share"], np.full((len(train), 4), 0.75, np.float32))
+    with pytest.raises(DataError, match=r"^candidates/train row 0: field 'source_ids' is missing; method "
+                                        r"'dpo_dora' \(weighting 'dora'\)"):
+        source_columns(bare, spec, source="candidates/train")
+    # a source id outside source_shares, and a row with another K, name the row and field
+    with pytest.raises(DataError, match=r"^candidates/train row 2: field 'source_ids' has source id 3 outside "
+                                        r"data.dataset_kwargs.source_shares \(ids 0..2\)"):
+        source_columns(train[2:], {**spec, "shares": K4_SHARES[:3]}, source="candidates/train")
+    odd = train[:3] + [train[3].__class__(train[3].prompt, train[3].chosen, train[3].rejected,
+                                          {**train[3].meta, "probs": [0.5] * 3, "source_ids": [0, 1, 2]})]
+    with pytest.raises(DataError, match=r"^candidates/train row 3: field 'probs' has 3 candidates but row 0 has 4"):
+        source_columns(odd, spec, source="candidates/train")
+    # a DoRA method with no share key at all is refused up front
+    cfg.data.dataset_kwargs = {"test_split": "test"}
+    with pytest.raises(ConfigError, match=r"method 'dpo_dora' \(weighting 'dora'\) needs each candidate's "
+                                          r"source share.*source_shares"):
+        split_source_kwargs(cfg)
+
+
+def test_dora_on_candidates_file_end_to_end(tmp_path, monkeypatch):
+    import preference_hf
+
+    from alignshift.train import runner
+
+    data, rows = _candidates_data(tmp_path)
+    seen = {}
+    real = runner.run_preference
+
+    def spy(graphdef, rest, ref_params, arrays, method, *a, **kw):
+        seen[method.name] = {k: np.asarray(v) for k, v in arrays.items()}
+        return real(graphdef, rest, ref_params, arrays, method, *a, **kw)
+
+    monkeypatch.setattr(runner, "run_preference", spy)
+    out = tmp_path / "out"
+    preference_hf.main(["--config", _dora_config(tmp_path, data), "--out", str(out)])
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["methods"]) == {"dpo_dora"} and s["data_info"]["n_train"] == 24 and s["data_info"]["n_test"] == 8
+    assert math.isfinite(s["methods"]["dpo_dora"]["test_pref_acc"])
+    # the training arrays the method got carry all 4 candidates' p and mapped shares a
+    arr = seen["dpo_dora"]
+    np.testing.assert_array_equal(arr["source_prob"], np.asarray([r["probs"] for r in rows["train"]], np.float32))
+    np.testing.assert_array_equal(arr["source_share"], np.asarray(
+        [[K4_SHARES[i] for i in r["source_ids"]] for r in rows["train"]], np.float32))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in recs if r.get("method") == "dpo_dora" and "weights/max" in r]
+    assert logged and all(math.isfinite(r["loss"]) for r in logged if "loss" in r)
+
+
+def test_dora_training_row_without_probs_is_an_error(tmp_path):
+    import preference_hf
+
+    from alignshift.data.schema import DataError
+
+    data, _ = _candidates_data(tmp_path, drop_probs_row=5)
+    with pytest.raises(DataError, match=r"^candidates/train row 5: field 'probs' is missing; method 'dpo_dora' "
+                                        r"\(weighting 'dora'\) needs every training row's per-candidate"):
+        preference_hf.main(["--config", _dora_config(tmp_path, data), "--out", str(tmp_path / "o")])
