@@ -46,7 +46,7 @@ Malformed input raises :class:`~alignshift.data.DataError` naming the row and th
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -94,8 +94,10 @@ from .shiftbench import (
     TOPIC_NAMES,
     TOPIC_WORDS,
     ShiftBenchData,
+    response_words,
+    topic_of,
 )
-from .tokenizer import BOS, EOS, PAD, WordTokenizer
+from .tokenizer import EOS, WordTokenizer
 
 __all__ = ["SCENARIO_NAME", "FollowupWorld", "FollowupData", "make_followup", "followup_words"]
 
@@ -161,7 +163,6 @@ class FollowupWorld:
         self.max_response_words = int(max_response_words)
         self.slope, self.center = float(followup_slope), float(followup_center)
         self.n_topics = len(TOPIC_NAMES)
-        self._topic_of_name = {n: t for t, n in enumerate(TOPIC_NAMES)}
         self._relevant = [frozenset(ws) for ws in TOPIC_WORDS]
         self._off_topic = [[w for s, ws in enumerate(TOPIC_WORDS) if s != t for w in ws] for t in range(self.n_topics)]
         self._pos = [f for d in dims for f in fu[d]["positive"]]
@@ -173,22 +174,8 @@ class FollowupWorld:
         self.vocab_words = words
 
     # ----------------------------------------------------------------- scoring
-    def topic_of(self, prompt: str) -> int | None:
-        for w in prompt.split():
-            t = self._topic_of_name.get(w)
-            if t is not None:
-                return t
-        return None
-
-    @staticmethod
-    def response_words(response: str) -> list[str]:
-        words = []
-        for w in response.split():
-            if w == EOS:
-                break
-            if w not in (PAD, BOS):
-                words.append(w)
-        return words
+    topic_of = staticmethod(topic_of)
+    response_words = staticmethod(response_words)
 
     def quality(self, prompt: str, response: str) -> float:
         t = self.topic_of(prompt)

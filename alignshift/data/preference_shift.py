@@ -148,8 +148,10 @@ from .shiftbench import (
     TOPIC_NAMES,
     TOPIC_WORDS,
     ShiftBenchData,
+    response_words,
+    topic_of,
 )
-from .tokenizer import BOS, EOS, PAD, WordTokenizer
+from .tokenizer import WordTokenizer
 
 __all__ = [
     "SCENARIO_NAME",
@@ -239,7 +241,6 @@ class PreferenceShiftWorld:
         self.alpha0 = _check_alpha(alpha0)
         self.max_response_words = int(max_response_words)
         self.n_topics = len(TOPIC_NAMES)
-        self._topic_of_name = {name: t for t, name in enumerate(TOPIC_NAMES)}
         weights: dict[str, tuple[float, float]] = {}
         for w, v in zip(FEAR_WORDS, FEAR_INTENSITY):
             weights[w] = (float(v), 0.0)
@@ -255,22 +256,8 @@ class PreferenceShiftWorld:
         self.vocab_words = words
 
     # ----------------------------------------------------------------- scoring
-    def topic_of(self, prompt: str) -> int | None:
-        for w in prompt.split():
-            t = self._topic_of_name.get(w)
-            if t is not None:
-                return t
-        return None
-
-    @staticmethod
-    def response_words(response: str) -> list[str]:
-        words = []
-        for w in response.split():
-            if w == EOS:
-                break
-            if w not in (PAD, BOS):
-                words.append(w)
-        return words
+    topic_of = staticmethod(topic_of)
+    response_words = staticmethod(response_words)
 
     def scores(self, response: str) -> tuple[float, float]:
         """``(s_A, s_B)``: the bag-of-words scores of the two objectives."""

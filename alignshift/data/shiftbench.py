@@ -211,6 +211,31 @@ class ShiftBenchData:
         return [e.prompt for e in getattr(self, split)]
 
 
+
+_TOPIC_OF_NAME = {name: t for t, name in enumerate(TOPIC_NAMES)}
+
+
+def topic_of(prompt: str) -> int | None:
+    """Topic index of the first topic-name word in ``prompt`` (None if none). Shared by every
+    ShiftBench scenario (they all use :data:`TOPIC_NAMES` prompts)."""
+    for w in prompt.split():
+        t = _TOPIC_OF_NAME.get(w)
+        if t is not None:
+            return t
+    return None
+
+
+def response_words(response: str) -> list[str]:
+    """The whitespace-separated words of ``response`` up to the first ``<eos>``, without
+    ``<pad>``/``<bos>``: what every ShiftBench scenario scores."""
+    words = []
+    for w in response.split():
+        if w == EOS:
+            break
+        if w not in (PAD, BOS):
+            words.append(w)
+    return words
+
 class DeployShiftWorld:
     """The ground truth of ``deploy_shift``: vocabulary, sampler and scoring (see module docstring)."""
 
@@ -222,7 +247,6 @@ class DeployShiftWorld:
         self.harm_penalty = float(harm_penalty)
         self.max_response_words = int(max_response_words)
         self.n_topics = len(TOPIC_NAMES)
-        self._topic_of_name = {name: t for t, name in enumerate(TOPIC_NAMES)}
         self._relevant = [frozenset(ws) for ws in TOPIC_WORDS]
         self._harmful = frozenset(HARMFUL_WORDS)
         self._off_topic = [[w for s, ws in enumerate(TOPIC_WORDS) if s != t for w in ws] for t in range(self.n_topics)]
@@ -233,23 +257,8 @@ class DeployShiftWorld:
         self.vocab_words = words
 
     # ----------------------------------------------------------------- scoring
-    def topic_of(self, prompt: str) -> int | None:
-        """Topic index of the first topic-name word in ``prompt`` (None if none)."""
-        for w in prompt.split():
-            t = self._topic_of_name.get(w)
-            if t is not None:
-                return t
-        return None
-
-    @staticmethod
-    def response_words(response: str) -> list[str]:
-        words = []
-        for w in response.split():
-            if w == EOS:
-                break
-            if w not in (PAD, BOS):
-                words.append(w)
-        return words
+    topic_of = staticmethod(topic_of)
+    response_words = staticmethod(response_words)
 
     def helpfulness(self, prompt: str, response: str) -> int:
         t = self.topic_of(prompt)

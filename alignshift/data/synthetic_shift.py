@@ -105,14 +105,14 @@ Determinism: each part uses its own stream ``default_rng([seed, stream_id])``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from .schema import PreferenceExample
 from .shiftbench import FILLER_WORDS, REQUEST_TEMPLATES, REQUEST_WORDS, ROLE_WORDS, TOPIC_NAMES, TOPIC_WORDS, \
-    ShiftBenchData
-from .tokenizer import BOS, EOS, PAD, WordTokenizer
+    ShiftBenchData, response_words, topic_of
+from .tokenizer import WordTokenizer
 
 __all__ = [
     "SCENARIO_NAME",
@@ -172,7 +172,6 @@ class SyntheticShiftWorld:
         self.judges = dict(JUDGES)
         self.judges["sycophant"] = (1.0, float(sycophancy_bias), -0.5, 0.0)
         self.n_topics = len(TOPIC_NAMES)
-        self._topic_of_name = {name: t for t, name in enumerate(TOPIC_NAMES)}
         self._relevant = [frozenset(ws) for ws in TOPIC_WORDS]
         self._flat, self._pad = frozenset(FLATTERY_WORDS), frozenset(PADDING_WORDS)
         words = list(ROLE_WORDS) + list(REQUEST_WORDS) + list(TOPIC_NAMES) + [w for ws in TOPIC_WORDS for w in ws]
@@ -184,22 +183,8 @@ class SyntheticShiftWorld:
         self.vocab_words = words
 
     # ----------------------------------------------------------------- scoring
-    def topic_of(self, prompt: str) -> int | None:
-        for w in prompt.split():
-            t = self._topic_of_name.get(w)
-            if t is not None:
-                return t
-        return None
-
-    @staticmethod
-    def response_words(response: str) -> list[str]:
-        words = []
-        for w in response.split():
-            if w == EOS:
-                break
-            if w not in (PAD, BOS):
-                words.append(w)
-        return words
+    topic_of = staticmethod(topic_of)
+    response_words = staticmethod(response_words)
 
     def features(self, prompt: str, response: str) -> tuple[int, int, int, int]:
         """``(helpfulness, n_flat, n_pad, length)``."""

@@ -190,7 +190,6 @@ def train_loop(
                 stop(w)
 
     def on_fault(w):
-        nonlocal applied_any
         idx = iterator.indices_at(w["it"]).tolist()
         rec = {"step": w["step"], "event": "nonfinite_step", "batch_indices": idx,
                "loss": float(np.asarray(w["metrics"].get("loss", np.nan))),
