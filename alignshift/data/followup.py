@@ -94,6 +94,7 @@ from .shiftbench import (
     TOPIC_NAMES,
     TOPIC_WORDS,
     ShiftBenchData,
+    check_sizes,
     response_words,
     topic_of,
 )
@@ -247,11 +248,7 @@ def make_followup(
     followup_dimensions=("understanding",),
 ) -> FollowupData:
     """Build the ``followup`` scenario (see the module docstring)."""
-    if n_val is None:
-        n_val = max(1, n_train // 50)
-    for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_sft", n_sft)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     if not 0.0 <= followup_rate <= 1.0:
         raise ValueError(f"followup_rate must be in [0, 1], got {followup_rate}")
     if not followup_slope >= 0:

@@ -148,6 +148,7 @@ from .shiftbench import (
     TOPIC_NAMES,
     TOPIC_WORDS,
     ShiftBenchData,
+    check_sizes,
     response_words,
     topic_of,
 )
@@ -442,13 +443,7 @@ def make_preference_shift(
     test_mixing: str = "convex",
 ) -> PreferenceShiftData:
     """Build the ``preference_shift`` scenario deterministically from ``seed`` (see module docstring)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if n_val is None:
-        n_val = max(1, n_train // 50)
-    for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_sft", n_sft)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     alpha0 = _check_alpha(alpha0)
     alphas = [_check_alpha(a) for a in alphas]
     mixing = tuple(mixing)

@@ -372,6 +372,19 @@ def _pair_stats(world: DeployShiftWorld, exs: list[PreferenceExample]) -> dict:
     }
 
 
+
+def check_sizes(seed, *, n_train, n_val, n_test, n_sft) -> int:
+    """The checks every scenario builder shares: ``seed`` and the split sizes are non-negative
+    ints (``ValueError`` naming the argument). Returns ``n_val`` (default ``max(1, n_train // 50)``)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if n_val is None:
+        n_val = max(1, n_train // 50)
+    for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_sft", n_sft)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return n_val
+
 def _make_deploy_shift(
     *,
     seed: int,
@@ -385,11 +398,7 @@ def _make_deploy_shift(
     max_response_words: int = 8,
     deploy_label: str = "deploy_reward",
 ) -> ShiftBenchData:
-    if n_val is None:
-        n_val = max(1, n_train // 50)
-    for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_sft", n_sft)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     if not 0.0 <= deploy_fraction <= 1.0:
         raise ValueError(f"deploy_fraction must be in [0, 1], got {deploy_fraction}")
     if not prompt_skew > 0:

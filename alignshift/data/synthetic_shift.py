@@ -111,7 +111,7 @@ import numpy as np
 
 from .schema import PreferenceExample
 from .shiftbench import FILLER_WORDS, REQUEST_TEMPLATES, REQUEST_WORDS, ROLE_WORDS, TOPIC_NAMES, TOPIC_WORDS, \
-    ShiftBenchData, response_words, topic_of
+    ShiftBenchData, check_sizes, response_words, topic_of
 from .tokenizer import WordTokenizer
 
 __all__ = [
@@ -307,13 +307,7 @@ def make_synthetic_shift(
     signature_rate: float = 0.0,
 ) -> SyntheticShiftData:
     """Build the ``synthetic_shift`` scenario deterministically from ``seed`` (module docstring)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if n_val is None:
-        n_val = max(1, n_train // 50)
-    for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_sft", n_sft)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 2:
         raise ValueError(f"n_candidates must be an int >= 2, got {n_candidates!r}")
     if not (np.isfinite(judge_noise) and judge_noise >= 0):

@@ -67,10 +67,8 @@ def _normalize_eos(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool,
            use_top_p: bool, use_cache: bool = True):
-    def run(state, prompt_ids, prompt_mask, key, temperature, top_p):
-        model = nnx.merge(graphdef, state)
-        if use_cache and getattr(model, "supports_kv_cache", False):
-            return _run_cached(model, prompt_ids, prompt_mask, key, temperature, top_p)
+    def buffers(prompt_ids, prompt_mask):
+        """Token and mask buffers ``[B, P + N]`` holding the (pad-sanitised) prompts, and the EOS ids."""
         B, P = prompt_ids.shape
         N = max_new_tokens
         L = P + N
@@ -79,6 +77,13 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
         tokens = jnp.full((B, L), pad_id, jnp.int32).at[:, :P].set(prompt_ids)
         mask = jnp.zeros((B, L), jnp.int32).at[:, :P].set(prompt_mask)
         eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+        return B, P, N, L, tokens, mask, eos
+
+    def run(state, prompt_ids, prompt_mask, key, temperature, top_p):
+        model = nnx.merge(graphdef, state)
+        if use_cache and getattr(model, "supports_kv_cache", False):
+            return _run_cached(model, prompt_ids, prompt_mask, key, temperature, top_p)
+        B, P, N, L, tokens, mask, eos = buffers(prompt_ids, prompt_mask)
 
         def cond(carry):
             i, _, _, done = carry
@@ -103,14 +108,7 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
         return tokens[:, P:], mask[:, P:]
 
     def _run_cached(model, prompt_ids, prompt_mask, key, temperature, top_p):
-        B, P = prompt_ids.shape
-        N = max_new_tokens
-        L = P + N
-        prompt_mask = prompt_mask.astype(jnp.int32)
-        prompt_ids = jnp.where(prompt_mask > 0, prompt_ids.astype(jnp.int32), pad_id)
-        tokens = jnp.full((B, L), pad_id, jnp.int32).at[:, :P].set(prompt_ids)
-        mask = jnp.zeros((B, L), jnp.int32).at[:, :P].set(prompt_mask)
-        eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+        B, P, N, L, tokens, mask, eos = buffers(prompt_ids, prompt_mask)
 
         def emit(i, logits_last, tokens, mask, done):
             """Sample token ``i`` (slot P+i) from the logits of slot P+i-1."""
@@ -125,8 +123,8 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
 
         # prefill: the whole (left-padded) prompt in one forward, filling slots 0..P-1
         cache = model.init_cache(B, L)
-        logits, cache = model.forward_cached(prompt_ids, cache=cache, index=0, key_mask=mask,
-                                             positions=positions_from_mask(prompt_mask))
+        logits, cache = model.forward_cached(tokens[:, :P], cache=cache, index=0, key_mask=mask,
+                                             positions=positions_from_mask(mask[:, :P]))
         tokens, mask, done = emit(0, logits[:, -1], tokens, mask, jnp.zeros((B,), jnp.bool_))
 
         def cond(carry):
