@@ -140,6 +140,13 @@ class TrainConfig:
     # a step with a non-finite loss or gradient is not applied; this many in a row stop the run
     # (the offending batch is written next to the checkpoints; alignshift/train/loop.py)
     max_consecutive_nonfinite: int = 10
+    # > 0: preference training batches come from alignshift.data.chat.LengthBucketIterator:
+    # examples of similar length are batched together and each batch's padding is trimmed to a
+    # multiple of this many tokens (fewer padded positions, at most T / length_bucket compiled
+    # shapes; the data order stays a pure function of seed + step, so resume is exact).
+    # 0 = off (every batch padded to the full data.max_prompt_len + data.max_completion_len).
+    # Pairwise batches only: refused with listwise base losses (pl, rrhf, lire).
+    length_bucket: int = 0
 
 
 TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")
@@ -477,6 +484,7 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
 
     for key, low in (("train.log_every", 1), ("train.eval_every", 0), ("train.checkpoint_every", 0),
                      ("train.max_consecutive_nonfinite", 1), ("train.val_batch_size", 1),
+                     ("train.length_bucket", 0),
                      ("data.max_prompt_len", 1), ("data.max_completion_len", 1)):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
@@ -487,6 +495,13 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
     if cfg.data.truncation not in TRUNCATION_POLICIES:
         raise ConfigError(f"config key 'data.truncation' must be one of {TRUNCATION_POLICIES}; "
                           f"got {cfg.data.truncation!r}")
+    if cfg.train.length_bucket > 0:
+        for i, m in enumerate(cfg.methods):
+            if BASE_LOSSES[m.base].listwise:
+                raise ConfigError(f"config key 'train.length_bucket' is {cfg.train.length_bucket}, but "
+                                  f"'methods.{i}' ({m.name}) has the listwise base loss {m.base!r}: length "
+                                  "bucketing only trims pairwise [B, T] batches, not the [B, K, T] cand_* "
+                                  "arrays (set train.length_bucket=0)")
     uses_ref = [m.name for m in cfg.methods if BASE_LOSSES[m.base].needs_reference]
     if not uses_ref:
         free = sorted({m.base for m in cfg.methods})

@@ -22,12 +22,22 @@ def test_defaults_and_overrides():
         ("methods.0.base_kwargs.betta=1", r"unknown hyper-parameter\(s\) \['betta'\]"),
         ("methods.3.base=dpo", r"not a valid list index"),
         ("model.dtype=float16", r"float32 or bfloat16"),
+        ("train.length_bucket=-1", r"'train.length_bucket' must be >= 0"),
+        ("train.length_bucket=1.5", r"'train.length_bucket' must be an int"),
         ("noequals", r"key=value"),
     ],
 )
 def test_bad_config_names_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, [override])
+
+
+def test_length_bucket_is_refused_with_listwise_methods():
+    cfg = load_config(None, ["train.length_bucket=64"])
+    assert cfg.train.length_bucket == 64 and load_config(None).train.length_bucket == 0
+    with pytest.raises(ConfigError, match=r"'train.length_bucket'.*'methods.0' \(pl\).*listwise"):
+        load_config(None, ["train.length_bucket=64", "methods.0.name=pl", "methods.0.base=pl"])
+    load_config(None, ["train.length_bucket=0", "methods.0.name=pl", "methods.0.base=pl"])  # off: fine
 
 
 def test_yaml_file_errors(tmp_path):

@@ -1,5 +1,6 @@
 """Training steps, reference handling and bit-identical resume on a tiny benchmark."""
 
+import dataclasses
 import math
 
 import jax
@@ -12,6 +13,8 @@ from alignshift.train.checkpoint import Checkpointer
 from alignshift.train.loop import train_loop
 from alignshift.train.metrics import JsonlWriter
 from alignshift.train.optim import make_optimizer
+from alignshift.data.chat import LengthBucketIterator
+from alignshift.train import runner
 from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps, run_sft
 from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
 
@@ -120,6 +123,74 @@ def test_resume_is_bit_identical(setup, tmp_path):
     ck2.close()
     assert [r["step"] for r in resumed] == [7, 8, 9, 10]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[6:]]  # bit-identical
+
+
+def test_length_bucket_preference_run_trims_and_resumes_bit_identically(setup, tmp_path, monkeypatch):
+    """``train.length_bucket`` through ``run_preference``: the step sees trimmed batches, the run
+    trains, and a resume from a mid-run checkpoint reproduces the uninterrupted losses exactly."""
+    cfg, _, graphdef, rest, ref_params, arrays = setup
+    full_width = arrays["chosen_input_ids"].shape[1]  # 18 here; real lengths 11..15
+    lb = dataclasses.replace(cfg.train, length_bucket=4, steps=10, log_every=1, eval_every=0, checkpoint_every=3)
+    cfg_lb = dataclasses.replace(cfg, train=lb)
+    m = MethodConfig()
+
+    it = runner.preference_iterator(arrays, cfg.train.batch_size, seed=0, length_bucket=4)
+    assert isinstance(it, LengthBucketIterator)
+    for s in range(it.steps_per_epoch):
+        b, idx = it.batch_at(s), it.indices_at(s)
+        w = b["chosen_input_ids"].shape[1]
+        assert w % 4 == 0 and w < full_width
+        # only padding is cut: every real token of the batch is still there
+        assert b["chosen_attention_mask"].sum() == arrays["chosen_attention_mask"][idx].sum()
+    assert type(runner.preference_iterator(arrays, 8, seed=0)) is BatchIterator  # 0 = off
+
+    widths = []
+    make_step = runner.make_preference_step
+
+    def spy(*a, **k):
+        real = make_step(*a, **k)
+
+        def step(state, batch, *args, **kw):
+            widths.append({k: v.shape[1] for k, v in batch.items() if np.ndim(v) == 2})
+            return real(state, batch, *args, **kw)
+        return step
+
+    monkeypatch.setattr(runner, "make_preference_step", spy)
+    _, full = runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_lb, seed=0,
+                                    checkpoint_dir=str(tmp_path / "full"))
+    assert len(widths) == 10 and all(w < full_width for ws in widths for w in ws.values())
+    assert len({ws["chosen_input_ids"] for ws in widths}) > 1  # several bucket widths were used
+    losses = [r["loss"] for r in full]
+    assert all(np.isfinite(losses)) and losses[0] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+    # "crash" during step 7 (after the step-6 checkpoint): an eval hook that raises
+    class Crash(RuntimeError):
+        pass
+
+    calls = []
+
+    def crash(state):
+        calls.append(1)
+        if len(calls) == 7:
+            raise Crash
+        return {}
+
+    ckdir = str(tmp_path / "ck")
+    cfg_crash = dataclasses.replace(cfg_lb, train=dataclasses.replace(lb, eval_every=1))
+    with pytest.raises(Crash):
+        runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_crash, seed=0, checkpoint_dir=ckdir,
+                              eval_fn=crash)
+    ck = Checkpointer(ckdir)
+    assert ck.latest_step() == 6
+    ck.close()
+    # the checkpoint records the bucket: resuming it without bucketing is refused
+    cfg_off = dataclasses.replace(cfg_lb, train=dataclasses.replace(lb, length_bucket=0))
+    with pytest.raises(ValueError, match="length_bucket=4"):
+        runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_off, seed=0, checkpoint_dir=ckdir)
+    _, resumed = runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_lb, seed=0, checkpoint_dir=ckdir)
+    assert [r["step"] for r in resumed] == [7, 8, 9, 10]
+    assert [r["loss"] for r in resumed] == losses[6:]  # bit-identical
 
 
 def test_jsonl_writer_and_nan_guard(setup, tmp_path):

@@ -47,16 +47,23 @@ DEFAULT_MAX_CONSECUTIVE_NONFINITE = 10
 
 
 def _iterator_state(it: BatchIterator) -> dict:
+    # ``length_bucket``: 0 for a plain BatchIterator, the bucket of a LengthBucketIterator (whose
+    # data order differs); checkpoints written before the key existed skip that check
     return {**it.state(), "seed": it.seed, "batch_size": it.batch_size, "num_examples": it.num_examples,
-            "shuffle": it.shuffle}
+            "shuffle": it.shuffle, "length_bucket": _length_bucket(it)}
+
+
+def _length_bucket(it: BatchIterator) -> int:
+    return int(getattr(it, "bucket", 0) or 0)
 
 
 def _restore_iterator(it: BatchIterator, st: dict, name: str, where: str) -> None:
-    for key in ("seed", "batch_size", "num_examples", "shuffle"):
-        if key in st and st[key] != getattr(it, key):
+    for key in ("seed", "batch_size", "num_examples", "shuffle", "length_bucket"):
+        mine = _length_bucket(it) if key == "length_bucket" else getattr(it, key)
+        if key in st and st[key] != mine:
             raise ValueError(
                 f"{where}: the checkpoint's {name} has {key}={st[key]!r} but this run's has "
-                f"{getattr(it, key)!r}: resuming would not continue the same data order (use a new "
+                f"{mine!r}: resuming would not continue the same data order (use a new "
                 "output directory or the original config)"
             )
     it.restore(st)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from alignshift.config import ExperimentConfig, MethodConfig, ModelConfig
-from alignshift.data import BatchIterator, WordTokenizer, encode_completions
+from alignshift.data import BatchIterator, LengthBucketIterator, WordTokenizer, encode_completions
 from alignshift.losses import Objective, make_objective
 from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
 from alignshift.train.checkpoint import Checkpointer
@@ -36,6 +36,7 @@ __all__ = [
     "run_sft",
     "precompute_reference_logps",
     "run_preference",
+    "preference_iterator",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -150,6 +151,22 @@ def precompute_reference_logps(
     return out
 
 
+def preference_iterator(arrays: dict, batch_size: int, *, seed: int, length_bucket: int = 0) -> BatchIterator:
+    """The preference phase's training iterator: a plain :class:`BatchIterator`, or with
+    ``length_bucket > 0`` (``train.length_bucket``) a :class:`LengthBucketIterator` that batches
+    similar lengths and trims each batch's padding to a multiple of ``length_bucket`` tokens.
+    Both orders are pure functions of ``(seed, step)``, so checkpoint resume is exact. Only the
+    sequence axis shrinks (the batch axis is unchanged, so data-parallel splits still hold);
+    each distinct width is one more compilation of the step."""
+    if length_bucket <= 0:
+        return BatchIterator(arrays, batch_size, seed=seed)
+    listwise = sorted(k for k, v in arrays.items() if k.startswith("cand_") or np.ndim(v) > 2)
+    if listwise:
+        raise ValueError(f"train.length_bucket={length_bucket} needs pairwise [N, T] arrays, but the training "
+                         f"arrays include {listwise} (listwise layout); set train.length_bucket=0")
+    return LengthBucketIterator(arrays, batch_size, seed=seed, bucket=int(length_bucket))
+
+
 def run_preference(
     graphdef,
     rest,
@@ -188,7 +205,8 @@ def run_preference(
     else:
         keep = [k for k in keep if not k.startswith("reference_")]
         step_args = (ref_params,)
-    it = BatchIterator({k: train_arrays[k] for k in keep}, cfg.train.batch_size, seed=seed)
+    it = preference_iterator({k: train_arrays[k] for k in keep}, cfg.train.batch_size, seed=seed,
+                             length_bucket=cfg.train.length_bucket)
     val_it = None
     if objective.needs_val:
         if val_arrays is None:
@@ -199,22 +217,24 @@ def run_preference(
     # Start from a copy (of the reference by default): the step donates its state buffers.
     params0 = jax.tree_util.tree_map(jnp.copy, ref_params if init_params is None else init_params)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
-    state, history = train_loop(
-        step_fn,
-        init_state(params0, tx),
-        it,
-        steps=cfg.train.steps,
-        log_every=cfg.train.log_every,
-        writer=writer,
-        step_args=step_args,
-        checkpointer=ckpt,
-        checkpoint_every=cfg.train.checkpoint_every,
-        eval_fn=eval_fn,
-        eval_every=cfg.train.eval_every,
-        val_iterator=val_it,
-        desc=method.name,
-        max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite,
-    )
-    if ckpt:
-        ckpt.close()
+    try:
+        state, history = train_loop(
+            step_fn,
+            init_state(params0, tx),
+            it,
+            steps=cfg.train.steps,
+            log_every=cfg.train.log_every,
+            writer=writer,
+            step_args=step_args,
+            checkpointer=ckpt,
+            checkpoint_every=cfg.train.checkpoint_every,
+            eval_fn=eval_fn,
+            eval_every=cfg.train.eval_every,
+            val_iterator=val_it,
+            desc=method.name,
+            max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite,
+        )
+    finally:
+        if ckpt:
+            ckpt.close()
     return state["params"], history
