@@ -47,14 +47,24 @@ def token_logps(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Ar
     return jnp.where(valid, lp, 0.0)
 
 
+@jax.custom_jvp
 def _picked(x: jax.Array, labels: jax.Array) -> jax.Array:
-    """``x[..., labels]`` as a masked sum over the vocabulary instead of a gather: the gather's
-    transpose is a scatter-add into ``[B, T, V]``, which XLA:CPU runs element by element (it cost
-    ~25% of a DPO step at vocabulary 8k, benchmarks/vs_trl.py); the compare-select-reduce fuses
-    with the log-softmax and its gradient is a dense select. Same values bit for bit (one
-    non-zero term per row)."""
+    """``x[..., labels]``: a gather for the value (bit for bit), and a JVP written as a
+    compare-select-sum so that reverse mode transposes it into a dense select
+    ``where(iota == label, g, 0)`` instead of the gather's scatter-add into ``[B, T, V]``, which
+    XLA:CPU runs element by element (it cost ~25% of a DPO step at vocabulary 8k,
+    benchmarks/vs_trl.py). Same cotangent (one non-zero per row); forward mode and higher
+    orders (WDPO) work as for any JAX function."""
+    return jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+
+
+@_picked.defjvp
+def _picked_jvp(primals, tangents):
+    x, labels = primals
+    x_dot, _ = tangents
     iota = jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
-    return jnp.sum(jnp.where(iota == labels[..., None], x, 0.0), axis=-1)
+    # linear in x_dot; its transpose (reverse mode) is a dense select, not a scatter
+    return _picked(x, labels), jnp.sum(jnp.where(iota == labels[..., None], x_dot, 0.0), axis=-1)
 
 
 def sequence_logps(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
