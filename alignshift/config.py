@@ -335,19 +335,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_config_file(path: str | None) -> dict:
+    """The YAML mapping in ``path`` (``{}`` for None); :class:`ConfigError` naming the file when
+    it is missing, not valid YAML or not a mapping."""
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
 def load_config(path: str | None, overrides: list[str] = (), *, quick: bool = False, cls=ExperimentConfig):
     """Load YAML (or defaults when ``path`` is None), apply ``--quick`` then CLI overrides."""
-    data: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at top level")
+    data = read_config_file(path)
     base = to_dict(from_dict(cls, data))  # validates the file itself first
     quick_items = [f"{k}={_dump(v)}" for k, v in base.get("quick", {}).items()] if quick else []
     if quick:

@@ -326,17 +326,9 @@ def load_plan_config(path: str | None, overrides=(), *, quick: bool = False) -> 
     """Load an experiment YAML for planning. Top-level sections that only one experiment
     script knows (e.g. ``classifier`` for DoRA, ``flr`` for FLR) are dropped (and returned);
     everything else is validated as :class:`~alignshift.config.ExperimentConfig`."""
-    import yaml
+    from alignshift.config import apply_overrides, from_dict, read_config_file, to_dict, validate
 
-    from alignshift.config import apply_overrides, from_dict, to_dict, validate
-
-    data: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+    data = read_config_file(path)
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     dropped = sorted(k for k in data if k not in known)
     data = {k: v for k, v in data.items() if k in known}
