@@ -79,6 +79,18 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
         eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
         return B, P, N, L, tokens, mask, eos
 
+    def emit_token(i, logits_last, tokens, mask, done, *, P, eos, key, temperature, top_p):
+        """Sample token ``i`` (slot P+i) from the logits of slot P+i-1; rows already done get
+        padding (mask 0); a sampled EOS marks the row done."""
+        nxt = sample_logits(logits_last, jax.random.fold_in(key, i), temperature=temperature,
+                            top_p=top_p, greedy=greedy, use_top_p=use_top_p)
+        alive = ~done
+        nxt = jnp.where(alive, nxt, pad_id)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, P + i, axis=1)
+        mask = jax.lax.dynamic_update_index_in_dim(mask, alive.astype(jnp.int32), P + i, axis=1)
+        hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(done)
+        return tokens, mask, done | (alive & hit_eos)
+
     def run(state, prompt_ids, prompt_mask, key, temperature, top_p):
         model = nnx.merge(graphdef, state)
         if use_cache and getattr(model, "supports_kv_cache", False):
@@ -94,14 +106,9 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
             positions = positions_from_mask(mask)
             logits = model(tokens, attention_mask=mask, positions=positions)  # [B, L, V]
             last = jax.lax.dynamic_index_in_dim(logits, P + i - 1, axis=1, keepdims=False)
-            nxt = sample_logits(last, jax.random.fold_in(key, i), temperature=temperature,
-                                top_p=top_p, greedy=greedy, use_top_p=use_top_p)
-            alive = ~done
-            nxt = jnp.where(alive, nxt, pad_id)
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, P + i, axis=1)
-            mask = jax.lax.dynamic_update_index_in_dim(mask, alive.astype(jnp.int32), P + i, axis=1)
-            hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(done)
-            return i + 1, tokens, mask, done | (alive & hit_eos)
+            tokens, mask, done = emit_token(i, last, tokens, mask, done, P=P, eos=eos, key=key,
+                                            temperature=temperature, top_p=top_p)
+            return i + 1, tokens, mask, done
 
         done0 = jnp.zeros((B,), jnp.bool_)
         _, tokens, mask, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, mask, done0))
@@ -110,16 +117,7 @@ def _build(graphdef, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
     def _run_cached(model, prompt_ids, prompt_mask, key, temperature, top_p):
         B, P, N, L, tokens, mask, eos = buffers(prompt_ids, prompt_mask)
 
-        def emit(i, logits_last, tokens, mask, done):
-            """Sample token ``i`` (slot P+i) from the logits of slot P+i-1."""
-            nxt = sample_logits(logits_last, jax.random.fold_in(key, i), temperature=temperature,
-                                top_p=top_p, greedy=greedy, use_top_p=use_top_p)
-            alive = ~done
-            nxt = jnp.where(alive, nxt, pad_id)
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, P + i, axis=1)
-            mask = jax.lax.dynamic_update_index_in_dim(mask, alive.astype(jnp.int32), P + i, axis=1)
-            hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(done)
-            return tokens, mask, done | (alive & hit_eos)
+        emit = functools.partial(emit_token, P=P, eos=eos, key=key, temperature=temperature, top_p=top_p)
 
         # prefill: the whole (left-padded) prompt in one forward, filling slots 0..P-1
         cache = model.init_cache(B, L)
