@@ -279,3 +279,34 @@ def test_config_is_dataclass_with_hf_fields():
               "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id", "remat"):
         assert n in names
     assert LlamaConfig(**BASE).head_dim == 8
+
+
+def test_flat_dot_general_values_and_no_activation_transpose():
+    """Projections run as one 2-D matmul: same values and gradients as the 3-D contraction, and
+    the compiled kernel gradient holds no transposed copy of the [B*T, N] output gradient
+    (which XLA:CPU otherwise materialises; see layers.flat_dot_general)."""
+    import re
+
+    from alignshift.models.layers import flat_dot_general
+
+    B, T, K, N = 3, 40, 16, 24
+    x = jax.random.normal(jax.random.key(0), (B, T, K))
+    w = jax.random.normal(jax.random.key(1), (K, N))
+    dn = (((2,), (0,)), ((), ()))
+    np.testing.assert_allclose(flat_dot_general(x, w, dn), jax.lax.dot_general(x, w, dn), rtol=1e-6, atol=1e-6)
+    # other contraction patterns pass through unchanged
+    dn2 = (((2,), (2,)), ((0,), (0,)))
+    y = jax.random.normal(jax.random.key(2), (B, N, K))
+    np.testing.assert_array_equal(flat_dot_general(x, y, dn2), jax.lax.dot_general(x, y, dn2))
+
+    def loss(dot):
+        return lambda x, w: jnp.sum(jax.nn.silu(dot(x, w, dn)) ** 2)
+
+    g_flat = jax.grad(loss(flat_dot_general), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, w)
+    for a, b in zip(g_flat, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(jax.grad(loss(flat_dot_general), argnums=1)).lower(x, w).compile().as_text()
+    assert not re.search(rf"f32\[{N},{B * T}\]", hlo), "kernel gradient transposes the [B*T, N] output gradient"
+    hlo_3d = jax.jit(jax.grad(loss(jax.lax.dot_general), argnums=1)).lower(x, w).compile().as_text()
+    assert re.search(rf"f32\[{N},{B * T}\]", hlo_3d), "the 3-D contraction no longer transposes: recheck this test"

@@ -54,6 +54,8 @@ from alignshift.models.layers import (
     apply_rotary,
     causal_padding_mask,
     CausalLM,
+    flat_attend,
+    flat_dot_general,
     masked_softmax,
     rope_cos_sin,
     rope_inv_freq,
@@ -286,7 +288,8 @@ class GemmaRMSNorm(nnx.Module):
 
 def _linear(cfg: GemmaConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+                      dot_general=flat_dot_general)
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -425,7 +428,7 @@ class GemmaForCausalLM(CausalLM, nnx.Module):
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Tied LM head (+ final logit soft-cap, applied in float32) -> float32 logits."""
-        logits = self.model.embed_tokens.attend(h.astype(self.dtype)).astype(jnp.float32)
+        logits = flat_attend(self.model.embed_tokens, h.astype(self.dtype)).astype(jnp.float32)
         return _softcap(logits, self.config.final_logit_softcapping)
 
 

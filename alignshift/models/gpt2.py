@@ -49,6 +49,8 @@ from alignshift.models.layers import (
     apply_layer,
     causal_padding_mask,
     CausalLM,
+    flat_attend,
+    flat_dot_general,
     _freeze,
 )
 
@@ -192,7 +194,7 @@ class GPT2Config:
 
 def _linear(din: int, dout: int, std: float, rngs: nnx.Rngs, dtype, param_dtype, bias: bool = True):
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(std), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(std), rngs=rngs, dot_general=flat_dot_general)
 
 
 class GPT2Attention(nnx.Module):
@@ -309,7 +311,7 @@ class GPT2LMHeadModel(CausalLM, nnx.Module):
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            logits = self.transformer.wte.attend(h.astype(self.dtype))
+            logits = flat_attend(self.transformer.wte, h.astype(self.dtype))
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)

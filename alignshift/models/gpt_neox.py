@@ -45,6 +45,8 @@ from alignshift.models.layers import (
     apply_rotary,
     causal_padding_mask,
     CausalLM,
+    flat_attend,
+    flat_dot_general,
     masked_softmax,
     rope_cos_sin,
     rope_inv_freq,
@@ -327,7 +329,8 @@ class GPTNeoXConfig:
 
 def _linear(cfg: GPTNeoXConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+                      dot_general=flat_dot_general)
 
 
 class GPTNeoXAttention(nnx.Module):
@@ -450,7 +453,7 @@ class GPTNeoXForCausalLM(CausalLM, nnx.Module):
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         if self.embed_out is None:
-            logits = self.gpt_neox.embed_in.attend(h.astype(self.dtype))
+            logits = flat_attend(self.gpt_neox.embed_in, h.astype(self.dtype))
         else:
             logits = self.embed_out(h)
         return logits.astype(jnp.float32)

@@ -25,6 +25,37 @@ from flax import nnx
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                     out_sharding=None, **kwargs):
+    """``jax.lax.dot_general`` for ``nnx.Linear(dot_general=...)`` that runs an ``[..., K] x [K, N]``
+    projection as ONE 2-D matmul ``[prod(...), K] x [K, N]`` (same values).
+
+    Why: the kernel gradient of a 3-D ``[B, T, K] x [K, N]`` contraction is a dot over two
+    contracting dimensions, which XLA:CPU lowers with a full transpose of the ``[B, T, N]``
+    output gradient (e.g. ``[8000, 4096]`` for an 8k-vocabulary LM head) before the matmul;
+    flattened, the same gradient is a plain ``xᵀ·g``. Measured on a Llama MLP block
+    ``[16, 256, 256] x [256, 688]`` + SiLU, forward + backward: 56 ms -> 22 ms (2-core CPU).
+    Other contraction patterns (and explicit ``out_sharding``) go to ``lax.dot_general`` unchanged.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    if (lhs.ndim > 2 and rhs.ndim == 2 and not lb and not rb and out_sharding is None
+            and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)):
+        y = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                                precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+        return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    if out_sharding is not None:
+        kwargs["out_sharding"] = out_sharding
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
+def flat_attend(embed: nnx.Embed, h: jax.Array) -> jax.Array:
+    """``embed.attend(h)`` (tied LM head, ``h @ Eᵀ``) over ``h`` flattened to 2-D (see
+    :func:`flat_dot_general` for why)."""
+    y = embed.attend(h.reshape(-1, h.shape[-1]))
+    return y.reshape(*h.shape[:-1], y.shape[-1])
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square layer norm (Llama / T5 style), parameter named ``weight``."""
 

@@ -29,6 +29,8 @@ from alignshift.models.layers import (
     cached_attention_mask,
     causal_padding_mask,
     CausalLM,
+    flat_attend,
+    flat_dot_general,
     masked_softmax,
     RMSNorm,
     rope_cos_sin,
@@ -226,7 +228,8 @@ class LlamaConfig:
 
 def _linear(cfg: LlamaConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+                      dot_general=flat_dot_general)
 
 
 class LlamaAttention(nnx.Module):
@@ -393,7 +396,7 @@ class LlamaForCausalLM(CausalLM, nnx.Module):
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(h.astype(self.dtype))
+            logits = flat_attend(self.model.embed_tokens, h.astype(self.dtype))
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
