@@ -137,6 +137,11 @@ class TrainConfig:
     # > 0: log-probs computed this many positions at a time from the final hidden states, so the
     # [B, T, V] float32 logits are never materialised (SFT and preference steps; large vocabularies)
     logits_chunk: int = 0
+    # True: the LM head and log-softmax run on the data.max_completion_len positions from each
+    # sequence's first response token only, not on prompt positions (same loss; less work when
+    # prompts are long; benchmarks/README.md). A response longer than the window cannot occur
+    # (the encoder truncates to max_completion_len); if one did, its log-prob is NaN, not cut.
+    logits_on_responses: bool = False
     # a step with a non-finite loss or gradient is not applied; this many in a row stop the run
     # (the offending batch is written next to the checkpoints; alignshift/train/loop.py)
     max_consecutive_nonfinite: int = 10

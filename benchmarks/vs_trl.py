@@ -9,9 +9,12 @@ One TRL step = ``trainer.training_step`` (policy forward + backward, reference f
 ``clip_grad_norm_`` + ``optimizer.step()`` + ``zero_grad`` — what its training loop does per
 batch. One alignshift step = ``make_preference_step`` (jitted, state donated) + waiting for the
 result. After warm-up (compilation on our side), steps alternate A B A B so that machine noise
-hits both alike; the medians and their ratio are printed. Two modes: the reference forward
+hits both alike; the medians and their ratio are printed. Modes: the reference forward
 inside the step, and precomputed reference log-probs (TRL: ``precompute_ref_log_probs=True``;
-ours: log-probs in the batch).
+ours: log-probs in the batch). A ``+window`` mode runs ours with ``response_window`` (the
+config's ``train.logits_on_responses``): the LM head and log-softmax on the completion positions
+only (the longest completion in the data), the same loss; TRL 1.13 has no such option and
+runs its default.
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: torch, accelerate, trl pinned).
 
@@ -43,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true", help="2 layers, d=64, vocab 1000, seq 64")
     p.add_argument("--rounds", type=int, default=10, help="timed A/B rounds per mode")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--modes", default="in-step,precomputed")
+    p.add_argument("--modes", default="in-step,precomputed,in-step+window,precomputed+window")
     p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own (all cores)")
     a = p.parse_args(argv)
     if a.small:
@@ -117,7 +120,7 @@ def _trl_trainer(a, root, tok, rows, precompute: bool):
     return trainer, step
 
 
-def _ours(a, root, precompute: bool):
+def _ours(a, root, precompute: bool, window: int = 0):
     import jax
     import jax.numpy as jnp
 
@@ -133,10 +136,11 @@ def _ours(a, root, precompute: bool):
     # warm-up-cosine over 1e6 steps: constant lr over the benchmark, like TRL's "constant" schedule
     tx = make_optimizer(OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
                         10**6)
-    step = make_preference_step(graphdef, rest, tx, make_objective("dpo", base_kwargs={"beta": 0.1}))
+    step = make_preference_step(graphdef, rest, tx, make_objective("dpo", base_kwargs={"beta": 0.1}),
+                                response_window=window)
     ref = jax.tree_util.tree_map(jnp.copy, params)
     state = init_state(params, tx)
-    logits_fn = make_logits_fn(graphdef, rest)
+    logits_fn = make_logits_fn(graphdef, rest, response_window=window)
 
     def convert(tb, length):
         # right-pad to one fixed length (as our trainer does: data.max_*_len), so the jitted step
@@ -162,10 +166,13 @@ def _ours(a, root, precompute: bool):
 
 
 def bench_mode(a, root, tok, rows, mode: str) -> tuple[float, float]:
-    precompute = mode == "precomputed"
+    precompute = mode.startswith("precomputed")
     trainer, trl_step = _trl_trainer(a, root, tok, rows, precompute)
     batches = list(trainer.get_train_dataloader())
-    convert, our_step = _ours(a, root, precompute)
+    # +window: the longest completion (TRL's completion_mask) over all batches, as
+    # train.logits_on_responses uses data.max_completion_len
+    window = max(int(b["completion_mask"].sum(1).max()) for b in batches) if mode.endswith("+window") else 0
+    convert, our_step = _ours(a, root, precompute, window)
     length = max(b["input_ids"].shape[1] for b in batches)
     ours_b = [convert(b, length) for b in batches]  # conversion (and our precompute) outside the timing
     n = len(batches)

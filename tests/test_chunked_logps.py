@@ -93,3 +93,82 @@ def test_preference_step_with_logits_chunk_matches():
     np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
     for x, y in zip(jax.tree_util.tree_leaves(out[0][2]), jax.tree_util.tree_leaves(out[1][2])):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_llama():
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    return split_model(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def _ragged_rows(rs, B=5, T=14):
+    """Right-padded prompt + response rows of varied lengths (one response ends at the last position)."""
+    ids = rs.randint(3, 61, (B, T)).astype(np.int32)
+    am, lm = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+    for i, (p, r) in enumerate([(2, 4), (7, 5), (3, 2), (9, 5), (5, 1)][:B]):
+        am[i, :p + r] = 1
+        lm[i, p:p + r] = 1
+    return jnp.asarray(ids), jnp.asarray(am), jnp.asarray(lm)
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+@pytest.mark.parametrize("with_wpo", [False, True])
+def test_response_window_equals_full_values_and_grads(chunk, with_wpo):
+    """Logits on the response window only (train.logits_on_responses): same log-probs, token
+    counts, WPO terms and parameter gradients as the full [B, T, V] path."""
+    from alignshift.train.steps import make_logits_fn
+
+    graphdef, params, rest = _tiny_llama()
+    ids, am, lm = _ragged_rows(np.random.RandomState(3))
+
+    def run(window):
+        fn = make_logits_fn(graphdef, rest, logits_chunk=chunk, response_window=window)
+
+        def f(p):
+            out = fn.sequence_logps(p, ids, am, lm, with_wpo)
+            return out[0].sum() + (out[2].sum() if with_wpo else 0.0), out
+
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (_, full), g_full = run(0)
+    (_, win), g_win = run(5)  # the longest response has 5 tokens
+    for x, y in zip(full, win):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_win)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
+def test_response_window_too_short_is_nan_not_truncated():
+    from alignshift.train.steps import make_logits_fn
+
+    graphdef, params, rest = _tiny_llama()
+    ids, am, lm = _ragged_rows(np.random.RandomState(3))
+    s_full, n_full = make_logits_fn(graphdef, rest).sequence_logps(params, ids, am, lm)
+    s, n = make_logits_fn(graphdef, rest, response_window=4).sequence_logps(params, ids, am, lm)
+    too_long = np.asarray(lm).sum(1) > 4  # rows 1 and 3 (5 response tokens)
+    assert too_long.tolist() == [False, True, False, True, False]
+    assert np.all(np.isnan(np.asarray(s)[too_long]))
+    np.testing.assert_allclose(np.asarray(s)[~too_long], np.asarray(s_full)[~too_long], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(n), np.asarray(n_full))
+    with pytest.raises(ValueError, match="response_window"):
+        make_logits_fn(graphdef, rest, response_window=-1)
+
+
+def test_preference_step_with_response_window_matches():
+    graphdef, params, rest = _tiny_llama()
+    ref = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
+    rs = np.random.RandomState(1)
+    batch = {}
+    for g in ("chosen", "rejected"):
+        ids, am, lm = _ragged_rows(rs)
+        batch.update({f"{g}_input_ids": ids, f"{g}_attention_mask": am, f"{g}_loss_mask": lm})
+    out = []
+    for window in (0, 6):
+        tx = optax.sgd(0.1)
+        step = make_preference_step(graphdef, rest, tx, make_objective("dpo"), response_window=window)
+        state = init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
+        state, m = step(state, batch, ref)
+        out.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
+    np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(out[0][2]), jax.tree_util.tree_leaves(out[1][2])):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

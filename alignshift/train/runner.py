@@ -115,7 +115,7 @@ def run_sft(
     tx = make_optimizer(cfg.sft.optim, cfg.sft.steps)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state, _ = train_loop(
-        make_sft_step(graphdef, rest, tx, logits_chunk=cfg.train.logits_chunk),
+        make_sft_step(graphdef, rest, tx, logits_chunk=cfg.train.logits_chunk, response_window=response_window(cfg)),
         init_state(params, tx),
         it,
         steps=cfg.sft.steps,
@@ -149,6 +149,11 @@ def precompute_reference_logps(
             chunks.append(np.asarray(fn(ref_params, *padded))[: sl.stop - sl.start])
         out[f"reference_{g}_logps"] = np.concatenate(chunks).astype(np.float32)
     return out
+
+
+def response_window(cfg) -> int:
+    """The LM-head window of ``train.logits_on_responses`` (``data.max_completion_len``; 0 = off)."""
+    return cfg.data.max_completion_len if cfg.train.logits_on_responses else 0
 
 
 def preference_iterator(arrays: dict, batch_size: int, *, seed: int, length_bucket: int = 0) -> BatchIterator:
@@ -192,7 +197,8 @@ def run_preference(
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
     # ``rest`` goes in as an argument, not a constant baked into the compiled step: under LoRA
     # it holds the frozen base weights (shardable, and never copied into the executable).
-    step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=cfg.train.logits_chunk)
+    step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=cfg.train.logits_chunk,
+                                response_window=response_window(cfg))
     step_fn = functools.partial(step, frozen=rest)
     keep = [k for k in train_arrays if not k.startswith("prompt_")]
     if not objective.needs_kl_completions:

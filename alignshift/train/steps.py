@@ -44,10 +44,21 @@ class LogitsFn:
     """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure), plus
     ``logits_fn.sequence_logps(params, ids, mask, loss_mask, with_wpo)``: the per-sequence
     log-probs, through :func:`alignshift.losses.logps.chunked_sequence_logps` when
-    ``logits_chunk > 0`` (the ``[B, T, V]`` logits are never materialised)."""
+    ``logits_chunk > 0`` (the ``[B, T, V]`` logits are never materialised).
 
-    def __init__(self, graphdef, rest, logits_chunk: int = 0):
-        self.graphdef, self.rest, self.logits_chunk = graphdef, rest, int(logits_chunk)
+    ``response_window = W > 0``: the LM head and the log-softmax run on ``W`` positions per
+    sequence only (from each row's first response token on) instead of all ``T``: prompt
+    positions need no logits. Same values: the other positions contribute exactly 0. ``W``
+    must cover every response (``data.max_completion_len`` does: the encoder truncates
+    responses to it). A row whose loss mask reaches past its window gets a NaN log-prob, so
+    the step is skipped and logged by the non-finite guard; the sum is never silently
+    truncated."""
+
+    def __init__(self, graphdef, rest, logits_chunk: int = 0, response_window: int = 0):
+        if int(response_window) < 0:
+            raise ValueError(f"response_window must be >= 0 (0 = off), got {response_window}")
+        self.graphdef, self.rest = graphdef, rest
+        self.logits_chunk, self.response_window = int(logits_chunk), int(response_window)
 
     def __call__(self, params, input_ids, attention_mask):
         model = nnx.merge(self.graphdef, params, self.rest)
@@ -55,20 +66,47 @@ class LogitsFn:
 
     def sequence_logps(self, params, input_ids, attention_mask, loss_mask, with_wpo: bool = False):
         labels, lmask = input_ids[:, 1:], loss_mask[:, 1:]
-        if self.logits_chunk <= 0:
+        window = self.response_window if 0 < self.response_window < labels.shape[1] else 0
+        if self.logits_chunk <= 0 and not window:
             logits = self(params, input_ids, attention_mask)
             fn = sequence_logps_wpo if with_wpo else sequence_logps
             return fn(logits[:, :-1], labels, lmask)
         model = nnx.merge(self.graphdef, params, self.rest)
-        h = model.hidden_states(input_ids, attention_mask=attention_mask)
-        return chunked_sequence_logps(h[:, :-1], model.logits_from_hidden, labels, lmask,
-                                      chunk_size=self.logits_chunk, with_wpo=with_wpo)
+        h = model.hidden_states(input_ids, attention_mask=attention_mask)[:, :-1]
+        dropped, n_tokens = None, lmask.astype(jnp.float32).sum(axis=-1)
+        if window:
+            h, labels, lmask, dropped = response_windows(h, labels, lmask, window)
+        if self.logits_chunk > 0:
+            out = chunked_sequence_logps(h, model.logits_from_hidden, labels, lmask,
+                                         chunk_size=self.logits_chunk, with_wpo=with_wpo)
+        else:
+            fn = sequence_logps_wpo if with_wpo else sequence_logps
+            out = fn(model.logits_from_hidden(h), labels, lmask)
+        if dropped is None:
+            return out
+        return (jnp.where(dropped, jnp.nan, out[0]), n_tokens) + tuple(out[2:])
 
 
-def make_logits_fn(graphdef, rest, *, logits_chunk: int = 0) -> LogitsFn:
+def response_windows(hidden, labels, mask, window: int):
+    """Per row, the ``window`` positions from the first ``mask`` position on (clipped to the
+    end): ``(hidden [B, W, d], labels [B, W], mask [B, W], dropped [B] bool)``; ``dropped``
+    marks rows with mask positions outside their window."""
+    T = labels.shape[1]
+    m = mask.astype(jnp.int32)
+    start = jnp.minimum(jnp.argmax(m, axis=1), T - window).astype(jnp.int32)
+
+    def cut(x):
+        return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, window, axis=0))(x, start)
+
+    wmask = cut(m)
+    dropped = wmask.sum(axis=1) != m.sum(axis=1)
+    return cut(hidden), cut(labels), wmask.astype(mask.dtype), dropped
+
+
+def make_logits_fn(graphdef, rest, *, logits_chunk: int = 0, response_window: int = 0) -> LogitsFn:
     """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure); see
-    :class:`LogitsFn` for ``logits_chunk``."""
-    return LogitsFn(graphdef, rest, logits_chunk)
+    :class:`LogitsFn` for ``logits_chunk`` and ``response_window``."""
+    return LogitsFn(graphdef, rest, logits_chunk, response_window)
 
 
 def batch_sequence_logps(logits_fn, params, input_ids, attention_mask, loss_mask, *, with_wpo: bool = False):
@@ -292,10 +330,11 @@ def _apply(state, grads, tx, loss=None):
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
 
 
-def make_sft_step(graphdef, rest, tx, *, logits_chunk: int = 0) -> Callable:
+def make_sft_step(graphdef, rest, tx, *, logits_chunk: int = 0, response_window: int = 0) -> Callable:
     """``step(state, batch) -> (state, metrics)``: mean token NLL over ``loss_mask`` (responses).
-    ``logits_chunk > 0``: log-probs chunked over the sequence (:class:`LogitsFn`)."""
-    logits_fn = make_logits_fn(graphdef, rest, logits_chunk=logits_chunk)
+    ``logits_chunk > 0``: log-probs chunked over the sequence; ``response_window > 0``: logits
+    on the response positions only (:class:`LogitsFn`)."""
+    logits_fn = make_logits_fn(graphdef, rest, logits_chunk=logits_chunk, response_window=response_window)
 
     def loss_fn(params, batch):
         s, n = batch_sequence_logps(
@@ -326,12 +365,13 @@ def attach_reference(logits_fn, batch, objective: Objective, ref_params):
     return {**batch, **{f"reference_{g}_logps": v for g, v in ref.items()}}
 
 
-def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, step, *, logits_chunk: int = 0):
+def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, step, *, logits_chunk: int = 0,
+                response_window: int = 0):
     """The objective's inputs for one step, reference log-probs already in the batch:
     ``(inputs, val_inputs, penalty, pair_penalties)``. With a penalty (WDPO) the policy forward
-    goes through the input embeddings (never chunked); the validation batch (rules with
-    ``needs_val``) gives detached features only."""
-    logits_fn = make_logits_fn(graphdef, rest, logits_chunk=logits_chunk)
+    goes through the input embeddings (never chunked or windowed); the validation batch (rules
+    with ``needs_val``) gives detached features only."""
+    logits_fn = make_logits_fn(graphdef, rest, logits_chunk=logits_chunk, response_window=response_window)
     penalty = pair_pen = None
     if objective.penalty is not None:
         if is_list_batch(objective, batch):
@@ -360,7 +400,8 @@ def add_penalty(loss, metrics: dict, penalty, pair_pen):
     return loss, metrics
 
 
-def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chunk: int = 0) -> Callable:
+def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chunk: int = 0,
+                         response_window: int = 0) -> Callable:
     """``step(state, batch, ref_params=None, val_batch=None, frozen=None) -> (state, metrics)``.
 
     With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
@@ -379,6 +420,11 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
     ``logits_chunk > 0`` computes the log-probs ``logits_chunk`` positions at a time from the
     final hidden states (:func:`alignshift.losses.logps.chunked_sequence_logps`): the
     ``[B, T, V]`` logits are never materialised, in the forward or the backward.
+
+    ``response_window > 0`` runs the LM head and log-softmax (policy and in-step reference) on
+    that many positions per sequence, from the first response token on, instead of all ``T``
+    (:class:`LogitsFn`; use ``data.max_completion_len``). Same loss; less work when prompts
+    are a large part of the sequence.
     """
 
     first_order_penalty = (objective.penalty is not None
@@ -386,14 +432,14 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
 
     def loss_fn(params, batch, val_batch, step, rest_):
         inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest_, params, batch, objective, val_batch, step,
-                                                            logits_chunk=logits_chunk)
+                                                            logits_chunk=logits_chunk, response_window=response_window)
         loss, metrics = objective(inputs, val_inputs)
         return add_penalty(loss, metrics, penalty, pair_pen)
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None, frozen=None):
         rest_ = rest if frozen is None else frozen
-        logits_fn = make_logits_fn(graphdef, rest_, logits_chunk=logits_chunk)
+        logits_fn = make_logits_fn(graphdef, rest_, logits_chunk=logits_chunk, response_window=response_window)
         batch = attach_reference(logits_fn, batch, objective, ref_params)
         val_batch = attach_reference(logits_fn, val_batch, objective, ref_params)
         if first_order_penalty:
