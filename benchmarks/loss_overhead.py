@@ -37,6 +37,11 @@ OBJECTIVES = {
     "wdpo_fwd": MethodConfig(name="wdpo_fwd", penalty="wdpo",
                              penalty_kwargs={"rho": 0.01, "gradient": "forward_over_reverse"}),
     "wdpo_fd": MethodConfig(name="wdpo_fd", penalty="wdpo", penalty_kwargs={"rho": 0.01, "gradient": "finite_difference"}),
+    # the penalty's gradient from 8 of the 32 pairs per step (unbiased; central difference)
+    "wdpo_fd_m8": MethodConfig(name="wdpo_fd_m8", penalty="wdpo",
+                               penalty_kwargs={"rho": 0.01, "gradient": "finite_difference", "pairs": 8}),
+    "wdpo_fd_m4": MethodConfig(name="wdpo_fd_m4", penalty="wdpo",
+                               penalty_kwargs={"rho": 0.01, "gradient": "finite_difference", "pairs": 4}),
 }
 
 

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from alignshift.losses.listwise import lire_terms, plackett_luce_terms, rank_by_scores, rrhf_terms
 from alignshift.losses.logps import mean_logps
 from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
-from alignshift.losses.penalties import GRADIENT_MODES, PENALTIES, PENALTY_KINDS
+from alignshift.losses.penalties import GRADIENT_MODES, PENALTIES, PENALTY_KINDS, check_penalty_pairs
 from alignshift.losses.weighting import WEIGHTING_RULES, normalize_weights, weight_stats
 
 __all__ = ["BASE_LOSSES", "Objective", "make_objective"]
@@ -282,6 +282,7 @@ def make_objective(
         if penalty_kwargs.get("gradient", "exact") not in GRADIENT_MODES:
             raise ValueError(f"penalty {penalty!r}: unknown WDPO gradient mode {penalty_kwargs['gradient']!r}; "
                              f"choose one of {GRADIENT_MODES}")
+        check_penalty_pairs(penalty_kwargs.get("pairs", 0), penalty_kwargs.get("gradient", "exact"))
     elif penalty_kwargs:
         raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
     return Objective(base, weighting, base_kwargs, weighting_kwargs, penalty, penalty_kwargs)

@@ -35,8 +35,17 @@ def wdpo_pair_penalties(embed_grads: jax.Array, n_pairs: int) -> jax.Array:
 GRADIENT_MODES = ("exact", "forward_over_reverse", "finite_difference")
 
 
+def check_penalty_pairs(pairs, gradient: str) -> None:
+    """``pairs`` must be an int >= 0, and > 0 only with a first-order gradient mode."""
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 0:
+        raise ValueError(f"WDPO pairs must be an int >= 0 (0 = all pairs), got {pairs!r}")
+    if pairs and gradient == "exact":
+        raise ValueError(f"WDPO pairs={pairs} (a subsampled penalty gradient) needs gradient='finite_difference' "
+                         "or 'forward_over_reverse', not 'exact'")
+
+
 def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, penalty: str = "squared_mean",
-                 gradient: str = "exact", fd_eps: float = 1e-4):
+                 gradient: str = "exact", fd_eps: float = 1e-4, pairs: int = 0):
     """``(penalty scalar, P_i [n_pairs])`` — see the module docstring.
 
     ``gradient`` and ``fd_eps`` do not change the value; the train step reads them to choose
@@ -45,13 +54,20 @@ def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, pen
     Jacobian-vector product of the first-order gradient: one backward, then one
     forward-mode pass over it) or ``"finite_difference"`` (two first-order passes,
     ``∇θP ≈ [∇θΣL(e + εv) − ∇θΣL(e)]/ε`` with ``v = ∂P/∂g`` and ``‖εv‖ = fd_eps·‖e‖``; see
-    :func:`alignshift.train.steps.wdpo_first_order_grads`)."""
+    :func:`alignshift.train.steps.wdpo_first_order_grads`).
+
+    ``pairs = m > 0`` (first-order modes only): the penalty's *parameter gradient* is estimated
+    from ``m`` pairs drawn uniformly without replacement each step (``n/m`` times their
+    contribution: unbiased, since ``∇θP = Σ_i (∂g_i/∂θ)ᵀ v_i`` is a sum over pairs and ``v`` is
+    computed exactly from all pairs' ``g``); the second pass then runs on ``m`` pairs instead
+    of ``n``. The penalty's value and the base loss's gradient stay exact over the batch."""
     if penalty not in PENALTY_KINDS:
         raise ValueError(f"unknown WDPO penalty {penalty!r}; choose one of {PENALTY_KINDS}")
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"unknown WDPO gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
     if not fd_eps > 0:
         raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
+    check_penalty_pairs(pairs, gradient)
     p = wdpo_pair_penalties(embed_grads, n_pairs)
     m = p.mean()
     # sqrt with a safe gradient at 0 (all-zero gradients, e.g. a saturated batch)

@@ -237,8 +237,8 @@ def make_pmap_preference_step(
     if objective.penalty is not None and objective.penalty != "wdpo":
         raise NotImplementedError(f"penalty {objective.penalty!r} has no pmap reduction")
     if objective.penalty_kwargs.get("gradient", "exact") != "exact":
-        raise NotImplementedError("WDPO gradient='finite_difference' is implemented for the jit step "
-                                  "(alignshift.train.steps / a mesh), not the pmap step")
+        raise NotImplementedError(f"WDPO gradient={objective.penalty_kwargs['gradient']!r} is implemented for the "
+                                  "jit step (alignshift.train.steps / a mesh), not the pmap step")
     devs = _devices(devices)
     n_dev = len(devs)
     obj, gather = pmap_objective(objective, axis_name)
