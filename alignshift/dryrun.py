@@ -166,7 +166,14 @@ def _activation_bytes(cfg: ExperimentConfig, desc: dict, mesh_shape: dict, objec
     h, i, L = desc["hidden_size"], desc["intermediate_size"], desc["num_hidden_layers"]
     nh, v = desc["num_attention_heads"], desc["vocab_size"]
     act = jnp.dtype(_DTYPES[cfg.model.dtype]).itemsize
-    logits = 2 * seqs * t * v * 4 // tp  # fp32 logits + log-softmax, vocab split over tensor
+    # fp32 logits + log-softmax, vocab split over tensor; logits_chunk / logits_on_responses shrink
+    # the positions that hold them (WDPO's embedding path always takes full logits)
+    t_logits = t
+    if cfg.train.logits_on_responses and not objective_flags["wdpo"]:
+        t_logits = min(t, cfg.data.max_completion_len)
+    if cfg.train.logits_chunk > 0 and not objective_flags["wdpo"]:
+        t_logits = min(t_logits, cfg.train.logits_chunk)
+    logits = 2 * seqs * t_logits * v * 4 // tp
     layer_full = seqs * t * (6 * h + 3 * i) * act // tp + 2 * seqs * nh * t * t * 4 // tp
     if cfg.model.remat:
         layers = L * seqs * t * h * act + layer_full
