@@ -329,3 +329,18 @@ def test_jit_vmap_stop_gradient_and_contract():
 
     with pytest.raises(ValueError):
         kmm_weights(x)  # needs a validation batch
+
+
+def test_early_stop_at_tol():
+    """FISTA stops once converged (default tol 1e-6): the same objective as the full 500
+    iterations (tol=0) to float32 precision, and a loose tol really stops earlier (worse)."""
+    rng = np.random.default_rng(11)
+    for n, d, gamma in [(32, 1, 0.1), (32, 2, 1.0), (64, 2, "median")]:
+        a = rng.normal(size=(n, d)).astype(np.float32)
+        c = rng.normal(loc=0.7, scale=0.8, size=(12, d)).astype(np.float32)
+        g = float(kernel_gamma(a, "median")) if gamma == "median" else gamma
+        K, kappa = np_problem(a, c, g)
+        f = {tol: np_objective(kmm_weights(a, c, gamma=g, tol=tol), K, kappa, 0.1) for tol in (0.0, 1e-6, 1e-1)}
+        scale = max(abs(f[0.0]), 1.0)
+        assert abs(f[1e-6] - f[0.0]) <= 1e-6 * scale, (n, d, f)
+        assert f[1e-1] - f[0.0] > 1e-6 * scale, (n, d, f)

@@ -166,6 +166,7 @@ def iw_weights(
     iters: int = 500,
     solver: str = "fista",
     warmup_examples: int = 1024,
+    tol: float = 1e-6,
 ):
     """IW-DPO (Lodkaew et al., TMLR 2025): kernel-mean-matching weights that make the training
     batch's features match the deployment/validation batch's (algorithms.md §2.4).
@@ -175,12 +176,13 @@ def iw_weights(
     normalises ``ŵ = n·w/Σw``. Open choices of the paper are flags with the spec's defaults:
     ``gamma`` (RBF, 0.1 [SEED]; ``"median"``/``"diw_quantile"``), ``ridge`` (λ = 0.1 read as
     ``K + λI`` [INFER]; ``solver="closed_form"`` is the other reading), ``upper_bound`` B = 50 and
-    ``eps`` = (√n−1)/√n (DIW). During the first ``warmup_examples`` training examples (1024
+    ``eps`` = (√n−1)/√n (DIW); FISTA runs at most ``iters`` iterations and stops once converged to
+    ``tol`` (:func:`kmm_weights`). During the first ``warmup_examples`` training examples (1024
     [SEED]; counted as ``aux["step"]·n``) the weights are uniform: at π = π_ref all features are
     equal and KMM is degenerate.
     """
     w = kmm_weights(train_features, val_features, gamma=gamma, ridge=ridge, upper_bound=upper_bound,
-                    eps=eps, iters=iters, solver=solver)
+                    eps=eps, iters=iters, solver=solver, tol=tol)
     if warmup_examples and aux is not None and "step" in aux:
         seen = aux["step"] * jnp.shape(train_features)[0]
         w = jnp.where(seen < warmup_examples, jnp.ones_like(w), w)
