@@ -68,7 +68,8 @@ def test_embedding_gradient_matches_finite_differences(tiny):
                    reference_rejected_logps=batch["reference_rejected_logps"])
         return obj.terms(inp)[0].losses.sum()
 
-    grad_e = jax.grad(total)(e0)
+    total = jax.jit(total)
+    grad_e = jax.jit(jax.grad(total))(e0)
     _, pen, p = wdpo_inputs_and_penalty(g, rest, params, batch, obj)
     sq = np.asarray(jnp.sum(grad_e ** 2, axis=(1, 2)))
     np.testing.assert_allclose(np.asarray(p), sq[:B] + sq[B:], rtol=1e-5)
@@ -85,11 +86,11 @@ def test_penalty_parameter_gradient(tiny, kind):
     directional derivative (jvp-of-vjp, an independent path) and a finite difference."""
     g, params, rest, batch = tiny
     obj = make_objective("dpo", penalty="wdpo", penalty_kwargs={"rho": 1.0, "penalty": kind})
-    pen = lambda p: wdpo_inputs_and_penalty(g, rest, p, batch, obj)[1]
+    pen = jax.jit(lambda p: wdpo_inputs_and_penalty(g, rest, p, batch, obj)[1])
     leaves = jax.tree_util.tree_leaves
     d = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
-    an = sum(jnp.vdot(a, b) for a, b in zip(leaves(jax.grad(pen)(params)), leaves(d)))
-    _, fwd = jax.jvp(pen, (params,), (d,))
+    an = sum(jnp.vdot(a, b) for a, b in zip(leaves(jax.jit(jax.grad(pen))(params)), leaves(d)))
+    _, fwd = jax.jit(lambda p, t: jax.jvp(pen, (p,), (t,)))(params, d)
     assert float(pen(params)) > 0
     np.testing.assert_allclose(float(an), float(fwd), rtol=1e-4)
 
@@ -104,11 +105,11 @@ def test_penalty_parameter_gradient_matches_finite_differences_float64(tiny):
                                                        param_dtype=jnp.float64))
         batch = {k: (v.astype(jnp.float64) if v.dtype == jnp.float32 else v) for k, v in batch32.items()}
         obj = make_objective("dpo", penalty="wdpo", penalty_kwargs={"rho": 1.0})
-        pen = lambda p: wdpo_inputs_and_penalty(g, rest, p, batch, obj)[1]
+        pen = jax.jit(lambda p: wdpo_inputs_and_penalty(g, rest, p, batch, obj)[1])  # jit: eager f64 is slow
         leaves = jax.tree_util.tree_leaves
         d = jax.tree_util.tree_map(
             lambda x: jax.random.normal(jax.random.PRNGKey(x.size), x.shape, dtype=jnp.float64), params)
-        an = sum(jnp.vdot(a, b) for a, b in zip(leaves(jax.grad(pen)(params)), leaves(d)))
+        an = sum(jnp.vdot(a, b) for a, b in zip(leaves(jax.jit(jax.grad(pen))(params)), leaves(d)))
         h = 3e-4
         fd = (pen(jax.tree_util.tree_map(lambda x, y: x + h * y, params, d))
               - pen(jax.tree_util.tree_map(lambda x, y: x - h * y, params, d))) / (2 * h)
