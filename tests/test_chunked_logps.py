@@ -73,27 +73,30 @@ def test_chunk_size_errors():
 
 
 def test_preference_step_with_logits_chunk_matches():
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    graphdef, params, rest = split_model(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    ref = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
     rs = np.random.RandomState(1)
     batch = {}
     for g in ("chosen", "rejected"):
         batch[f"{g}_input_ids"] = jnp.asarray(rs.randint(0, 61, (4, 10)), jnp.int32)
         batch[f"{g}_attention_mask"] = jnp.ones((4, 10), jnp.int32)
         batch[f"{g}_loss_mask"] = jnp.asarray(np.arange(10)[None].repeat(4, 0) >= 4, jnp.int32)
+    _assert_step_matches(batch, logits_chunk=3)
+
+
+def _assert_step_matches(batch, **step_kwargs):
+    """One DPO step (in-step reference) with ``step_kwargs`` equals the plain step: loss, grad
+    norm and updated parameters."""
+    graphdef, params, rest = _tiny_llama()
+    ref = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
     out = []
-    for chunk in (0, 3):
+    for kw in ({}, step_kwargs):
         tx = optax.sgd(0.1)
-        step = make_preference_step(graphdef, rest, tx, make_objective("dpo"), logits_chunk=chunk)
+        step = make_preference_step(graphdef, rest, tx, make_objective("dpo"), **kw)
         state = init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
         state, m = step(state, batch, ref)
         out.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
     np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
     for x, y in zip(jax.tree_util.tree_leaves(out[0][2]), jax.tree_util.tree_leaves(out[1][2])):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
-
 
 def _tiny_llama():
     cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
@@ -154,20 +157,9 @@ def test_response_window_too_short_is_nan_not_truncated():
 
 
 def test_preference_step_with_response_window_matches():
-    graphdef, params, rest = _tiny_llama()
-    ref = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
     rs = np.random.RandomState(1)
     batch = {}
     for g in ("chosen", "rejected"):
         ids, am, lm = _ragged_rows(rs)
         batch.update({f"{g}_input_ids": ids, f"{g}_attention_mask": am, f"{g}_loss_mask": lm})
-    out = []
-    for window in (0, 6):
-        tx = optax.sgd(0.1)
-        step = make_preference_step(graphdef, rest, tx, make_objective("dpo"), response_window=window)
-        state = init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
-        state, m = step(state, batch, ref)
-        out.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
-    np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
-    for x, y in zip(jax.tree_util.tree_leaves(out[0][2]), jax.tree_util.tree_leaves(out[1][2])):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    _assert_step_matches(batch, response_window=6)
