@@ -43,10 +43,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignshift.config import ConfigError, ExperimentConfig
+from alignshift.models.layers import DTYPES
 
 __all__ = ["dry_run", "run_dry_run", "load_plan_config", "resolve_hf_config", "abstract_model", "main"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GiB = 1024 ** 3
@@ -82,7 +82,7 @@ def abstract_model(cfg: ExperimentConfig, *, vocab_size: int = 256):
     tiny-Llama fields (``vocab_size`` when ``model.vocab_size`` is 0: the benchmark's
     tokenizer is not built here)."""
     m = cfg.model
-    dtype = _DTYPES[m.dtype]
+    dtype = DTYPES[m.dtype]
     if m.hf_path:
         folder, hf = resolve_hf_config(m.hf_path)
         cfg_cls, model_cls = _architecture(hf["model_type"])
@@ -165,7 +165,7 @@ def _activation_bytes(cfg: ExperimentConfig, desc: dict, mesh_shape: dict, objec
     t = cfg.data.max_prompt_len + cfg.data.max_completion_len
     h, i, L = desc["hidden_size"], desc["intermediate_size"], desc["num_hidden_layers"]
     nh, v = desc["num_attention_heads"], desc["vocab_size"]
-    act = jnp.dtype(_DTYPES[cfg.model.dtype]).itemsize
+    act = jnp.dtype(DTYPES[cfg.model.dtype]).itemsize
     # fp32 logits + log-softmax, vocab split over tensor; logits_chunk / logits_on_responses shrink
     # the positions that hold them (WDPO's embedding path always takes full logits)
     t_logits = t

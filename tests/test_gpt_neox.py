@@ -11,10 +11,10 @@ from flax import nnx
 from alignshift.models.gpt_neox import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
-    LayerNorm,
     params_from_hf_state_dict,
     params_to_hf_state_dict,
 )
+from alignshift.models.layers import LayerNorm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -3,7 +3,8 @@
 Follows the conventions of :mod:`alignshift.models.llama` (HF-named attribute
 tree, ``nnx.List`` of layers, hashable config dataclass, float32 logits) and
 reproduces Hugging Face transformers' ``GemmaForCausalLM`` /
-``Gemma2ForCausalLM`` (eager attention path). Parameter names::
+``Gemma2ForCausalLM`` (eager attention path). Parameter names
+(:func:`alignshift.models.hf_params.hf_name`)::
 
     model.embed_tokens.embedding                        <- model.embed_tokens.weight
     model.layers.{i}.self_attn.{q,k,v,o}_proj.kernel    <- ...weight.T   (.bias <- .bias)
@@ -49,20 +50,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignshift.models.hf_params import (
+    HFConfig,
+    config_dict,
+    export_state_dict,
+    hf_name,
+    load_state_dict,
+    rope_from_hf,
+)
 from alignshift.models.layers import (
     apply_layer,
     apply_rotary,
     causal_padding_mask,
     CausalLM,
     flat_attend,
-    flat_dot_general,
+    linear,
     masked_softmax,
     rope_cos_sin,
     rope_inv_freq,
     sliding_window_mask,
-    _freeze,
 )
-from alignshift.models.llama import hf_name
 
 __all__ = [
     "GemmaConfig",
@@ -91,7 +98,7 @@ _GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
 
 
 @dataclasses.dataclass
-class GemmaConfig:
+class GemmaConfig(HFConfig):
     """Gemma / Gemma 2 hyper-parameters with Hugging Face field names.
 
     ``model_type`` ("gemma" or "gemma2") selects the block layout (Gemma 2 adds
@@ -126,6 +133,8 @@ class GemmaConfig:
     eos_token_id: int | list[int] | None = 1
     initializer_range: float = 0.02
     remat: bool = False
+
+    __hash__ = HFConfig.__hash__
 
     def __post_init__(self):
         if self.model_type not in _MODEL_TYPES:
@@ -169,17 +178,6 @@ class GemmaConfig:
     def is_gemma2(self) -> bool:
         return self.model_type == "gemma2"
 
-    def __hash__(self) -> int:
-        return hash(_freeze(dataclasses.asdict(self)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GemmaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     @classmethod
     def from_hf(cls, config: Any, **overrides: Any) -> "GemmaConfig":
         """Build from a ``transformers.GemmaConfig`` / ``Gemma2Config`` (v4 or v5) or a config.json dict.
@@ -189,22 +187,15 @@ class GemmaConfig:
         ``"gelu"`` means the tanh approximation, as in transformers); ``layer_types``
         or the alternating rule. ``overrides`` (e.g. ``remat=True``) are applied last.
         """
-        if isinstance(config, Mapping):
-            d = dict(config)
-        elif hasattr(config, "to_dict"):
-            d = config.to_dict()
-            for name in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                         "head_dim", "rms_norm_eps", "max_position_embeddings", "hidden_act",
-                         "hidden_activation", "attention_bias", "rope_parameters", "rope_scaling",
-                         "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
-                         "final_logit_softcapping", "sliding_window", "layer_types",
-                         "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-                         "initializer_range", "use_bidirectional_attention"):
-                if name not in d and hasattr(config, name):
-                    d[name] = getattr(config, name)
-        else:
-            raise TypeError(f"expected a transformers config or a dict, got {type(config)!r}")
+        d = config_dict(config, (
+            "model_type", "vocab_size", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+            "hidden_activation", "attention_bias", "rope_parameters", "rope_scaling",
+            "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+            "final_logit_softcapping", "sliding_window", "layer_types",
+            "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+            "initializer_range", "use_bidirectional_attention"))
 
         model_type = d.get("model_type")
         if model_type is None:  # bare dict: guess from Gemma 2-only fields
@@ -222,18 +213,7 @@ class GemmaConfig:
         if model_type == "gemma" and act == "gelu":
             act = "gelu_pytorch_tanh"  # transformers' legacy remap for the official Gemma 1 configs
 
-        rope_params = dict(d.get("rope_parameters") or {})
-        if any(isinstance(v, Mapping) for v in rope_params.values()):
-            raise NotImplementedError("per-layer-type rope_parameters are not supported for Gemma")
-        merged = {**dict(d.get("rope_scaling") or {}), **rope_params}
-        theta = merged.pop("rope_theta", None)
-        if theta is None:
-            theta = d.get("rope_theta", 10000.0)
-        rope_type = merged.get("rope_type") or merged.get("type") or "default"
-        if rope_type != "default":
-            raise NotImplementedError(f"rope_type {rope_type!r} is not supported for Gemma")
-        if merged.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) not in (None, 1.0):
-            raise NotImplementedError("partial_rotary_factor != 1 is not supported")
+        theta, _, _ = rope_from_hf(d, "Gemma", rope_types=("default",))
 
         kwargs: dict[str, Any] = dict(
             model_type=model_type,
@@ -245,7 +225,7 @@ class GemmaConfig:
             num_key_value_heads=d.get("num_key_value_heads"),
             head_dim=d.get("head_dim"),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rope_theta=theta,
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             hidden_activation=act,
             attention_bias=bool(d.get("attention_bias", False)),
@@ -286,12 +266,6 @@ class GemmaRMSNorm(nnx.Module):
         return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
 
 
-def _linear(cfg: GemmaConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
-                      dot_general=flat_dot_general)
-
-
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     if cap is None:
         return x
@@ -308,11 +282,11 @@ class GemmaAttention(nnx.Module):
         self.scaling = float(c.query_pre_attn_scalar) ** -0.5
         self.softcap = None if c.attn_logit_softcapping is None else float(c.attn_logit_softcapping)
         self.dtype = dtype
-        args = (rngs, dtype, param_dtype)
-        self.q_proj = _linear(c, c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
-        self.k_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
-        self.v_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
-        self.o_proj = _linear(c, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
+        args = (c.initializer_range, rngs, dtype, param_dtype)
+        self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
+        self.k_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
@@ -338,11 +312,11 @@ class GemmaMLP(nnx.Module):
     def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         c = config
-        args = (rngs, dtype, param_dtype)
+        args = (c.initializer_range, rngs, dtype, param_dtype)
         self.approximate = _ACTIVATIONS[c.hidden_activation]
-        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, False, *args)
-        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, False, *args)
-        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, False, *args)
+        self.gate_proj = linear(c.hidden_size, c.intermediate_size, False, *args)
+        self.up_proj = linear(c.hidden_size, c.intermediate_size, False, *args)
+        self.down_proj = linear(c.intermediate_size, c.hidden_size, False, *args)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = jax.nn.gelu(self.gate_proj(x), approximate=self.approximate)
@@ -437,24 +411,6 @@ class GemmaForCausalLM(CausalLM, nnx.Module):
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "embed_tokens.embed_scale")
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Param):
-            name, transpose = hf_name(path)
-            out[name] = (node, transpose)
-    return out
-
-
 def params_from_hf_state_dict(model: GemmaForCausalLM, state_dict: Mapping[str, Any], *,
                               strict: bool = True) -> GemmaForCausalLM:
     """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
@@ -464,25 +420,9 @@ def params_from_hf_state_dict(model: GemmaForCausalLM, state_dict: Mapping[str, 
     embed-scale buffers are ignored. With ``strict`` a ``KeyError`` lists every
     missing and unexpected name; a shape mismatch raises ``ValueError``. Returns ``model``.
     """
-    params = _named_params(model)
-    given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_HF_SUFFIXES)}
-    given.pop("lm_head.weight", None)
-    missing = sorted(set(params) - set(given))
-    unexpected = sorted(set(given) - set(params))
-    if strict and (missing or unexpected):
-        raise KeyError(f"HF state dict does not match GemmaForCausalLM "
-                       f"({model.config.model_type}): missing={missing}, unexpected={unexpected}")
-    for name, (var, transpose) in params.items():
-        if name not in given:
-            continue
-        arr = _to_numpy(given[name])
-        if transpose:
-            arr = arr.T
-        if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"shape mismatch for {name}: got {arr.shape} (after transpose={transpose}), "
-                             f"expected {tuple(var.shape)}")
-        var.set_value(jnp.asarray(arr, dtype=var.dtype))
-    return model
+    return load_state_dict(model, state_dict, hf_name,
+                           model_name=f"GemmaForCausalLM ({model.config.model_type})", strict=strict,
+                           ignore_suffixes=_IGNORED_HF_SUFFIXES, ignore_names=("lm_head.weight",))
 
 
 def params_to_hf_state_dict(model: GemmaForCausalLM) -> dict[str, np.ndarray]:
@@ -490,8 +430,4 @@ def params_to_hf_state_dict(model: GemmaForCausalLM) -> dict[str, np.ndarray]:
 
     ``lm_head.weight`` is not emitted (tied to ``model.embed_tokens.weight``).
     """
-    out = {}
-    for name, (var, transpose) in _named_params(model).items():
-        arr = np.asarray(var[...])
-        out[name] = arr.T if transpose else arr
-    return out
+    return export_state_dict(model, hf_name)

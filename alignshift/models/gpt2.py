@@ -37,21 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignshift.models.gpt_neox import (
-    LayerNorm,
-    _config_dict,
-    _drop_ignored,
-    _load_params,
-    activation,
-    dot_product_attention,
-)
+from alignshift.models import hf_params
+from alignshift.models.hf_params import HFConfig, config_dict, export_state_dict, load_state_dict
 from alignshift.models.layers import (
+    activation,
     apply_layer,
     causal_padding_mask,
     CausalLM,
+    dot_product_attention,
     flat_attend,
-    flat_dot_general,
-    _freeze,
+    LayerNorm,
+    linear,
 )
 
 __all__ = [
@@ -71,7 +67,7 @@ __all__ = [
 
 
 @dataclasses.dataclass
-class GPT2Config:
+class GPT2Config(HFConfig):
     """GPT-2 hyper-parameters with Hugging Face field names (``n_embd``, ``n_layer``, ...).
 
     The generic names used by the other models (``hidden_size``,
@@ -97,6 +93,8 @@ class GPT2Config:
     eos_token_id: int | list[int] | None = 50256
     initializer_range: float = 0.02
     remat: bool = False
+
+    __hash__ = HFConfig.__hash__
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -130,17 +128,6 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def __hash__(self) -> int:
-        return hash(_freeze(dataclasses.asdict(self)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GPT2Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     @classmethod
     def from_hf(cls, config: Any, **overrides: Any) -> "GPT2Config":
         """Build from a ``transformers.GPT2Config`` or a config.json-style dict.
@@ -149,7 +136,7 @@ class GPT2Config:
         ``n_positions``) and the generic ones (``hidden_size``, ...).
         ``overrides`` (e.g. ``remat=True``) are applied last.
         """
-        d = _config_dict(config, (
+        d = config_dict(config, (
             "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
             "activation_function", "layer_norm_epsilon", "scale_attn_weights",
             "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings",
@@ -192,11 +179,6 @@ class GPT2Config:
 # --------------------------------------------------------------------------- modules
 
 
-def _linear(din: int, dout: int, std: float, rngs: nnx.Rngs, dtype, param_dtype, bias: bool = True):
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(std), rngs=rngs, dot_general=flat_dot_general)
-
-
 class GPT2Attention(nnx.Module):
     def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -209,8 +191,8 @@ class GPT2Attention(nnx.Module):
             scale /= float(layer_idx + 1)
         self.scale = float(scale)
         proj_std = c.initializer_range / (2 * c.n_layer) ** 0.5  # HF init for c_proj
-        self.c_attn = _linear(c.n_embd, 3 * c.n_embd, c.initializer_range, rngs, dtype, param_dtype)
-        self.c_proj = _linear(c.n_embd, c.n_embd, proj_std, rngs, dtype, param_dtype)
+        self.c_attn = linear(c.n_embd, 3 * c.n_embd, True, c.initializer_range, rngs, dtype, param_dtype)
+        self.c_proj = linear(c.n_embd, c.n_embd, True, proj_std, rngs, dtype, param_dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """x [B,T,d]; mask bool [B,1,T,T]."""
@@ -228,8 +210,8 @@ class GPT2MLP(nnx.Module):
                  param_dtype=jnp.float32):
         c = config
         proj_std = c.initializer_range / (2 * c.n_layer) ** 0.5
-        self.c_fc = _linear(c.n_embd, c.intermediate_size, c.initializer_range, rngs, dtype, param_dtype)
-        self.c_proj = _linear(c.intermediate_size, c.n_embd, proj_std, rngs, dtype, param_dtype)
+        self.c_fc = linear(c.n_embd, c.intermediate_size, True, c.initializer_range, rngs, dtype, param_dtype)
+        self.c_proj = linear(c.intermediate_size, c.n_embd, True, proj_std, rngs, dtype, param_dtype)
         self.activation_function = c.activation_function
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -302,8 +284,8 @@ class GPT2LMHeadModel(CausalLM, nnx.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = _linear(config.n_embd, config.vocab_size, config.initializer_range, rngs,
-                                   dtype, param_dtype, bias=False)
+            self.lm_head = linear(config.n_embd, config.vocab_size, False, config.initializer_range, rngs,
+                                  dtype, param_dtype)
 
     @property
     def _backbone(self):
@@ -331,24 +313,7 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     ``("transformer", "h", 0, "attn", "c_attn", "kernel")`` ->
     ``("transformer.h.0.attn.c_attn.weight", False)``.
     """
-    parts = [str(p) for p in path]
-    *prefix, leaf = parts
-    if leaf == "kernel":
-        return ".".join([*prefix, "weight"]), prefix[0] == "lm_head"
-    if leaf in ("embedding", "weight"):
-        return ".".join([*prefix, "weight"]), False
-    if leaf == "bias":
-        return ".".join([*prefix, "bias"]), False
-    raise ValueError(f"no HF name for parameter path {path!r}")
-
-
-def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Param):
-            name, transpose = hf_name(path)
-            out[name] = (node, transpose)
-    return out
+    return hf_params.hf_name(path, transpose_kernel=str(path[0]) == "lm_head")
 
 
 def params_from_hf_state_dict(model: GPT2LMHeadModel, state_dict: Mapping[str, Any], *,
@@ -361,14 +326,11 @@ def params_from_hf_state_dict(model: GPT2LMHeadModel, state_dict: Mapping[str, A
     ``attn.masked_bias`` buffers are ignored. With ``strict`` a ``KeyError`` lists
     every missing and unexpected name. Returns ``model``.
     """
-    params = _named_params(model)
-    given = _drop_ignored(state_dict, _IGNORED_HF_SUFFIXES)
-    if not any(k.startswith("transformer.") for k in given):
-        given = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in given.items()}
-    if model.lm_head is None:
-        given.pop("lm_head.weight", None)
-    _load_params(params, given, model_name="GPT2LMHeadModel", strict=strict)
-    return model
+    if not any(k.startswith("transformer.") and not k.endswith(_IGNORED_HF_SUFFIXES) for k in state_dict):
+        state_dict = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state_dict.items()}
+    return load_state_dict(model, state_dict, hf_name, model_name="GPT2LMHeadModel", strict=strict,
+                           ignore_suffixes=_IGNORED_HF_SUFFIXES,
+                           ignore_names=("lm_head.weight",) if model.lm_head is None else ())
 
 
 def params_to_hf_state_dict(model: GPT2LMHeadModel, *,
@@ -379,10 +341,7 @@ def params_to_hf_state_dict(model: GPT2LMHeadModel, *,
     (a copy of ``transformer.wte.weight``), so the result has exactly the keys of
     transformers' ``GPT2LMHeadModel.state_dict()``.
     """
-    out = {}
-    for name, (var, transpose) in _named_params(model).items():
-        arr = np.asarray(var[...])
-        out[name] = arr.T if transpose else arr
+    out = export_state_dict(model, hf_name)
     if model.lm_head is None and include_tied_head:
         out["lm_head.weight"] = out["transformer.wte.weight"].copy()
     return out

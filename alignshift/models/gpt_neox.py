@@ -1,7 +1,8 @@
 """GPT-NeoX (Pythia) causal language model in Flax NNX.
 
 The module attribute tree mirrors Hugging Face names, so importing a checkpoint
-is a pure name mapping (see :func:`hf_name` / :func:`params_from_hf_state_dict`)::
+is a pure name mapping (:func:`alignshift.models.hf_params.hf_name`, see
+:func:`params_from_hf_state_dict`)::
 
     gpt_neox.embed_in.embedding                          <- gpt_neox.embed_in.weight
     gpt_neox.layers.{i}.{input,post_attention}_layernorm.{weight,bias}
@@ -24,15 +25,12 @@ HF details reproduced here:
 * parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` or sequential
   ``y = x + attn(ln1(x)); y + mlp(ln2(y))``;
 * LayerNorm with bias, statistics in float32; ``hidden_act="gelu"`` is the exact (erf) GELU.
-
-This file also holds small helpers shared with :mod:`alignshift.models.gpt2`
-(:class:`LayerNorm`, :func:`activation`, :func:`dot_product_attention`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -40,17 +38,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignshift.models.hf_params import (
+    HFConfig,
+    config_dict,
+    export_state_dict,
+    hf_name,
+    load_state_dict,
+    normalize_rope_scaling,
+    rope_from_hf,
+    to_numpy,
+)
 from alignshift.models.layers import (
+    activation,
     apply_layer,
     apply_rotary,
     causal_padding_mask,
     CausalLM,
+    dot_product_attention,
     flat_attend,
-    flat_dot_general,
-    masked_softmax,
+    LayerNorm,
+    linear,
     rope_cos_sin,
     rope_inv_freq,
-    _freeze,
 )
 
 __all__ = [
@@ -60,137 +69,17 @@ __all__ = [
     "GPTNeoXLayer",
     "GPTNeoXAttention",
     "GPTNeoXMLP",
-    "LayerNorm",
-    "activation",
-    "dot_product_attention",
     "hf_name",
     "params_from_hf_state_dict",
     "params_to_hf_state_dict",
 ]
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm with HF parameter names ``weight`` / ``bias``; statistics in float32."""
-
-    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype)) if use_bias else None
-        self.eps = float(eps)
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        xc = x32 - mean
-        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
-        y = xc * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
-def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": _gelu_exact,  # HF GELUActivation: erf-based
-    "gelu_new": _gelu_tanh,  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,  # same function, different spelling of the polynomial
-    "quick_gelu": _quick_gelu,
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """JAX version of ``transformers.activations.ACT2FN[name]`` for the supported names."""
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise NotImplementedError(
-            f"activation {name!r} is not supported (supported: {sorted(_ACTIVATIONS)})") from None
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                          dtype: Any) -> jax.Array:
-    """Multi-head attention. q/k/v [B,T,H,D], boolean mask [B,1,T,S] -> [B,T,H*D] in ``dtype``.
-
-    Scores and softmax in float32; fully masked rows give a uniform (finite) softmax.
-    """
-    B, T, H, D = q.shape
-    scores = jnp.einsum("bthd,bshd->bhts", q.astype(dtype), k.astype(dtype),
-                        preferred_element_type=jnp.float32) * scale
-    probs = masked_softmax(scores, mask)
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(dtype), v.astype(dtype))
-    return out.reshape(B, T, H * D)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _load_params(params: Mapping[str, tuple[nnx.Param, bool]], given: Mapping[str, Any], *,
-                 model_name: str, strict: bool) -> None:
-    """Shared body of ``params_from_hf_state_dict``: check names, transpose, check shapes, set."""
-    missing = sorted(set(params) - set(given))
-    unexpected = sorted(set(given) - set(params))
-    if strict and (missing or unexpected):
-        raise KeyError(f"HF state dict does not match {model_name}: missing={missing}, "
-                       f"unexpected={unexpected}")
-    for name, (var, transpose) in params.items():
-        if name not in given:
-            continue
-        arr = _to_numpy(given[name])
-        if transpose:
-            arr = arr.T
-        if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"shape mismatch for {name}: got {arr.shape} (after transpose={transpose}), "
-                             f"expected {tuple(var.shape)}")
-        var.set_value(jnp.asarray(arr, dtype=var.dtype))
-
-
-def _drop_ignored(state_dict: Mapping[str, Any], suffixes: Iterable[str]) -> dict[str, Any]:
-    suffixes = tuple(suffixes)
-    return {k: v for k, v in state_dict.items() if not k.endswith(suffixes)}
-
-
-def _config_dict(config: Any, names: Iterable[str]) -> dict[str, Any]:
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        d = config.to_dict()
-        for name in names:  # to_dict may drop attributes equal to defaults in some versions
-            if name not in d and hasattr(config, name):
-                d[name] = getattr(config, name)
-        return d
-    raise TypeError(f"expected a transformers config or a dict, got {type(config)!r}")
-
-
 # --------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass
-class GPTNeoXConfig:
+class GPTNeoXConfig(HFConfig):
     """GPT-NeoX hyper-parameters with Hugging Face field names.
 
     Rotary settings are flattened: ``rope_theta`` and ``partial_rotary_factor``
@@ -222,6 +111,8 @@ class GPTNeoXConfig:
     initializer_range: float = 0.02
     remat: bool = False
 
+    __hash__ = HFConfig.__hash__
+
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
@@ -233,18 +124,8 @@ class GPTNeoXConfig:
                              "must be even")
         if isinstance(self.eos_token_id, tuple):
             self.eos_token_id = list(self.eos_token_id)
-        if self.rope_scaling is not None:
-            rs = dict(self.rope_scaling)
-            rtype = rs.pop("type", None)
-            rs.setdefault("rope_type", rtype or "default")
-            rs.pop("rope_theta", None)
-            rs.pop("partial_rotary_factor", None)
-            if rs["rope_type"] == "default":
-                self.rope_scaling = None
-            else:
-                if rs["rope_type"] == "llama3":
-                    rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-                self.rope_scaling = rs
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings,
+                                                   drop=("rope_theta", "partial_rotary_factor"))
         activation(self.hidden_act)  # fail early
         if self.rotary_ndims:
             rope_inv_freq(self.rotary_ndims, self.rope_theta, self.rope_scaling)
@@ -258,17 +139,6 @@ class GPTNeoXConfig:
         """Rotated dims per head, ``int(head_dim * partial_rotary_factor)`` as in HF."""
         return int(self.head_dim * self.partial_rotary_factor)
 
-    def __hash__(self) -> int:
-        return hash(_freeze(dataclasses.asdict(self)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GPTNeoXConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     @classmethod
     def from_hf(cls, config: Any, **overrides: Any) -> "GPTNeoXConfig":
         """Build from a ``transformers.GPTNeoXConfig`` (v4 or v5) or a config.json-style dict.
@@ -278,27 +148,16 @@ class GPTNeoXConfig:
         or the original GPT-NeoX spellings ``rotary_emb_base`` / ``rotary_pct``.
         ``overrides`` (e.g. ``remat=True``) are applied last.
         """
-        d = _config_dict(config, (
+        d = config_dict(config, (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "layer_norm_eps", "use_parallel_residual", "hidden_act",
             "rope_parameters", "rope_scaling", "rope_theta", "rotary_emb_base", "rotary_pct",
             "partial_rotary_factor", "max_position_embeddings", "tie_word_embeddings",
             "attention_bias", "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range"))
 
-        rope_params = dict(d.get("rope_parameters") or {})
-        old_scaling = dict(d.get("rope_scaling") or {})
-        if any(isinstance(v, Mapping) for v in rope_params.values()):
-            raise NotImplementedError("per-layer-type rope_parameters are not supported for GPT-NeoX")
-        merged = {**old_scaling, **rope_params}
-        theta = merged.pop("rope_theta", None)
-        if theta is None:
-            theta = d.get("rope_theta", d.get("rotary_emb_base", 10000.0))
-        factor = merged.pop("partial_rotary_factor", None)
-        if factor is None:
-            factor = d.get("partial_rotary_factor", d.get("rotary_pct", 0.25))
-        rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
-        merged.pop("type", None)
-        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **merged}
+        theta, factor, rope_scaling = rope_from_hf(
+            d, "GPT-NeoX", theta_keys=("rope_theta", "rotary_emb_base"),
+            factor_keys=("partial_rotary_factor", "rotary_pct"), factor_default=0.25)
 
         kwargs = dict(
             vocab_size=d["vocab_size"],
@@ -309,8 +168,8 @@ class GPTNeoXConfig:
             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
             use_parallel_residual=bool(d.get("use_parallel_residual", True)),
             hidden_act=d.get("hidden_act", "gelu"),
-            rope_theta=float(theta),
-            partial_rotary_factor=float(factor),
+            rope_theta=theta,
+            partial_rotary_factor=factor,
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -327,12 +186,6 @@ class GPTNeoXConfig:
 # --------------------------------------------------------------------------- modules
 
 
-def _linear(cfg: GPTNeoXConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
-                      dot_general=flat_dot_general)
-
-
 class GPTNeoXAttention(nnx.Module):
     def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -341,9 +194,9 @@ class GPTNeoXAttention(nnx.Module):
         self.head_dim = c.head_dim
         self.rotary_ndims = c.rotary_ndims
         self.dtype = dtype
-        args = (rngs, dtype, param_dtype)
-        self.query_key_value = _linear(c, c.hidden_size, 3 * c.hidden_size, c.attention_bias, *args)
-        self.dense = _linear(c, c.hidden_size, c.hidden_size, c.attention_bias, *args)
+        args = (c.initializer_range, rngs, dtype, param_dtype)
+        self.query_key_value = linear(c.hidden_size, 3 * c.hidden_size, c.attention_bias, *args)
+        self.dense = linear(c.hidden_size, c.hidden_size, c.attention_bias, *args)
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,rotary_ndims]."""
@@ -366,10 +219,10 @@ class GPTNeoXMLP(nnx.Module):
     def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         c = config
-        args = (rngs, dtype, param_dtype)
+        args = (c.initializer_range, rngs, dtype, param_dtype)
         # HF uses nn.Linear with its default bias=True here, independent of attention_bias
-        self.dense_h_to_4h = _linear(c, c.hidden_size, c.intermediate_size, True, *args)
-        self.dense_4h_to_h = _linear(c, c.intermediate_size, c.hidden_size, True, *args)
+        self.dense_h_to_4h = linear(c.hidden_size, c.intermediate_size, True, *args)
+        self.dense_4h_to_h = linear(c.intermediate_size, c.hidden_size, True, *args)
         self.hidden_act = c.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -444,8 +297,8 @@ class GPTNeoXForCausalLM(CausalLM, nnx.Module):
         if config.tie_word_embeddings:
             self.embed_out = None
         else:
-            self.embed_out = _linear(config, config.hidden_size, config.vocab_size, False, rngs,
-                                     dtype, param_dtype)
+            self.embed_out = linear(config.hidden_size, config.vocab_size, False,
+                                    config.initializer_range, rngs, dtype, param_dtype)
 
     @property
     def _backbone(self):
@@ -466,32 +319,6 @@ _IGNORED_HF_SUFFIXES = (".attention.bias", ".attention.masked_bias", "rotary_emb
 _HEAD_NAMES = ("embed_out.weight", "lm_head.weight")
 
 
-def hf_name(path: tuple) -> tuple[str, bool]:
-    """Map an nnx param path to ``(hf_weight_name, transpose)``.
-
-    ``("gpt_neox", "layers", 0, "attention", "query_key_value", "kernel")`` ->
-    ``("gpt_neox.layers.0.attention.query_key_value.weight", True)``. The head maps
-    to ``embed_out.weight`` (the checkpoint name).
-    """
-    *prefix, leaf = (str(p) for p in path)
-    if leaf == "kernel":
-        return ".".join([*prefix, "weight"]), True
-    if leaf in ("embedding", "weight"):
-        return ".".join([*prefix, "weight"]), False
-    if leaf == "bias":
-        return ".".join([*prefix, "bias"]), False
-    raise ValueError(f"no HF name for parameter path {path!r}")
-
-
-def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Param):
-            name, transpose = hf_name(path)
-            out[name] = (node, transpose)
-    return out
-
-
 def params_from_hf_state_dict(model: GPTNeoXForCausalLM, state_dict: Mapping[str, Any], *,
                               strict: bool = True) -> GPTNeoXForCausalLM:
     """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
@@ -503,21 +330,20 @@ def params_from_hf_state_dict(model: GPTNeoXForCausalLM, state_dict: Mapping[str
     ``attention.masked_bias``, ``rotary_emb.inv_freq``) are ignored. With ``strict``
     a ``KeyError`` lists every missing and unexpected name. Returns ``model``.
     """
-    params = _named_params(model)
-    given = _drop_ignored(state_dict, _IGNORED_HF_SUFFIXES)
+    given = dict(state_dict)
     heads = [n for n in _HEAD_NAMES if n in given]
     if model.embed_out is None:
         for n in heads:
             given.pop(n)
     elif len(heads) == 2:
-        a, b = (_to_numpy(given[n]) for n in heads)
+        a, b = (to_numpy(given[n]) for n in heads)
         if a.shape != b.shape or not np.array_equal(a, b):
             raise ValueError("state dict holds both embed_out.weight and lm_head.weight with different values")
         given.pop("lm_head.weight")
     elif heads == ["lm_head.weight"]:
         given["embed_out.weight"] = given.pop("lm_head.weight")
-    _load_params(params, given, model_name="GPTNeoXForCausalLM", strict=strict)
-    return model
+    return load_state_dict(model, given, hf_name, model_name="GPTNeoXForCausalLM", strict=strict,
+                           ignore_suffixes=_IGNORED_HF_SUFFIXES)
 
 
 def params_to_hf_state_dict(model: GPTNeoXForCausalLM, *, head_name: str = "lm_head",
@@ -531,10 +357,7 @@ def params_to_hf_state_dict(model: GPTNeoXForCausalLM, *, head_name: str = "lm_h
     """
     if head_name not in ("lm_head", "embed_out"):
         raise ValueError(f"head_name must be 'lm_head' or 'embed_out', got {head_name!r}")
-    out = {}
-    for name, (var, transpose) in _named_params(model).items():
-        arr = np.asarray(var[...])
-        out[name] = arr.T if transpose else arr
+    out = export_state_dict(model, hf_name)
     if "embed_out.weight" in out:
         out[f"{head_name}.weight"] = out.pop("embed_out.weight")
     elif include_tied_head:

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignshift.models.layers import DTYPES
+
 __all__ = ["ARCHITECTURES", "load_hf_model", "load_hf_tokenizer", "save_hf_model", "read_hf_config"]
 
 # model_type -> (module, config class, model class)
@@ -42,7 +44,6 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("alignshift.models.gpt2", "GPT2Config", "GPT2LMHeadModel"),
 }
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # safetensors header dtypes we can load (cast to the target param dtype as they are read)
 _FLOAT_STORAGE = {"F64", "F32", "F16", "BF16"}
 
@@ -155,8 +156,8 @@ def load_hf_model(
         if not jnp.issubdtype(jnp.dtype(dt), jnp.floating):
             raise ValueError(f"load_hf_model({path!r}): {what} must be a floating-point dtype, got {jnp.dtype(dt)}")
     declared = hf_cfg.get("dtype", hf_cfg.get("torch_dtype"))
-    if declared is not None and declared not in (*_DTYPES, "float64", "auto"):
-        raise ValueError(f"{path}/config.json: key 'dtype' is {declared!r}; supported: {sorted(_DTYPES)}")
+    if declared is not None and declared not in (*DTYPES, "float64", "auto"):
+        raise ValueError(f"{path}/config.json: key 'dtype' is {declared!r}; supported: {sorted(DTYPES)}")
     weights = LazySafetensors(path, dtype=param_dtype)
     try:
         cfg = cfg_cls.from_hf(hf_cfg)

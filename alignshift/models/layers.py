@@ -1,9 +1,10 @@
-"""Small shared layers: RMSNorm, rotary position embeddings, attention-mask helpers.
+"""Generic layers shared by the models: norms, activations, linear/attention helpers, rotary
+position embeddings, attention masks, and the :class:`CausalLM` entry points.
 
-Conventions follow Hugging Face transformers' Llama implementation:
-  * RMSNorm parameter is called ``weight`` (HF name), statistics computed in float32.
-  * Rotary embeddings use the "rotate_half" (non-interleaved) layout:
-    ``x * cos + rotate_half(x) * sin`` with ``cos = cos(concat(freqs, freqs))``.
+Conventions follow Hugging Face transformers:
+  * norm parameters are called ``weight`` / ``bias`` (HF names), statistics computed in float32;
+  * rotary embeddings use the "rotate_half" (non-interleaved) layout:
+    ``x * cos + rotate_half(x) * sin`` with ``cos = cos(concat(freqs, freqs))``;
   * ``rope_inv_freq`` reproduces ``transformers.modeling_rope_utils`` for the
     "default", "linear" and "llama3" rope types.
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# dtype names (as in configs and HF ``config.json``) -> JAX dtypes
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Large finite negative used for masked attention logits. Rows that attend to
 # nothing (e.g. a left-pad query) then get a uniform softmax instead of NaN.
@@ -70,6 +74,71 @@ class RMSNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps)
         return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with HF parameter names ``weight`` / ``bias``; statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype)) if use_bias else None
+        self.eps = float(eps)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        xc = x32 - mean
+        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+        y = xc * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def linear(din: int, dout: int, bias: bool, std: float, rngs: nnx.Rngs, dtype: Any,
+           param_dtype: Any) -> nnx.Linear:
+    """``nnx.Linear`` with a ``normal(std)`` kernel init and :func:`flat_dot_general`."""
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(std), rngs=rngs,
+                      dot_general=flat_dot_general)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": _gelu_exact,  # HF GELUActivation: erf-based
+    "gelu_new": _gelu_tanh,  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,  # same function, different spelling of the polynomial
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """JAX version of ``transformers.activations.ACT2FN[name]`` for the supported names."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise NotImplementedError(
+            f"activation {name!r} is not supported (supported: {sorted(_ACTIVATIONS)})") from None
 
 
 # --------------------------------------------------------------------------- rotary
@@ -195,6 +264,20 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """float32 softmax over the last axis with boolean ``mask``; fully masked rows stay finite."""
     scores = jnp.where(mask, scores.astype(jnp.float32), MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                          dtype: Any) -> jax.Array:
+    """Multi-head attention. q/k/v [B,T,H,D], boolean mask [B,1,T,S] -> [B,T,H*D] in ``dtype``.
+
+    Scores and softmax in float32; fully masked rows give a uniform (finite) softmax.
+    """
+    B, T, H, D = q.shape
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32) * scale
+    probs = masked_softmax(scores, mask)
+    out = jnp.einsum("bhts,bshd->bthd", probs.astype(dtype), v.astype(dtype))
+    return out.reshape(B, T, H * D)
 
 
 def _remat_call_layer(layer, h, *args):

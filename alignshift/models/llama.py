@@ -2,7 +2,8 @@
 sliding-window attention, ``LlamaConfig(model_type="mistral", sliding_window=W)``).
 
 The module attribute tree mirrors Hugging Face names, so importing a checkpoint
-is a pure name mapping (see :func:`hf_name` / :func:`params_from_hf_state_dict`)::
+is a pure name mapping (:func:`alignshift.models.hf_params.hf_name`, see
+:func:`params_from_hf_state_dict`)::
 
     model.embed_tokens.embedding                 <- model.embed_tokens.weight
     model.layers.{i}.self_attn.{q,k,v,o}_proj.kernel  <- ...weight.T   (.bias <- .bias)
@@ -23,6 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignshift.models.hf_params import (
+    HFConfig,
+    config_dict,
+    export_state_dict,
+    hf_name,
+    load_state_dict,
+    normalize_rope_scaling,
+    rope_from_hf,
+)
 from alignshift.models.layers import (
     apply_layer,
     apply_rotary,
@@ -30,13 +40,12 @@ from alignshift.models.layers import (
     causal_padding_mask,
     CausalLM,
     flat_attend,
-    flat_dot_general,
+    linear,
     masked_softmax,
     RMSNorm,
     rope_cos_sin,
     rope_inv_freq,
     sliding_window_mask,
-    _freeze,
 )
 
 __all__ = [
@@ -58,14 +67,13 @@ _MODEL_TYPES = ("llama", "mistral")
 
 
 @dataclasses.dataclass
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     """Llama hyper-parameters with Hugging Face field names.
 
     ``rope_scaling`` is ``None`` for plain RoPE, or a dict such as
     ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}``.
-    The config is hashable (it is a static attribute of the module, so it
-    ends up in the nnx GraphDef, which is used as a jit cache key); don't
+    Hashable (see :class:`~alignshift.models.hf_params.HFConfig`); don't
     mutate it after building a model.
 
     ``model_type`` is the HF architecture the weights come from and are exported as:
@@ -98,6 +106,8 @@ class LlamaConfig:
     sliding_window: int | None = None
     remat: bool = False
 
+    __hash__ = HFConfig.__hash__
+
     def __post_init__(self):
         if self.model_type not in _MODEL_TYPES:
             raise ValueError(f"model_type must be one of {_MODEL_TYPES}, got {self.model_type!r}")
@@ -121,34 +131,16 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if isinstance(self.eos_token_id, tuple):
             self.eos_token_id = list(self.eos_token_id)
-        if self.rope_scaling is not None:
-            rs = dict(self.rope_scaling)
-            rtype = rs.pop("type", None)
-            rs.setdefault("rope_type", rtype or "default")
-            rs.pop("rope_theta", None)
-            if rs["rope_type"] == "default":
-                self.rope_scaling = None
-            else:
-                if rs["rope_type"] == "llama3":
-                    rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-                self.rope_scaling = rs
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         # fail early on unsupported rope types
         rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
-    def __hash__(self) -> int:
-        return hash(_freeze(dataclasses.asdict(self)))
-
     def to_dict(self) -> dict[str, Any]:
         """The fields (``sliding_window`` only for Mistral: HF's Llama config has no such key)."""
-        d = dataclasses.asdict(self)
+        d = super().to_dict()
         if self.model_type == "llama":
             d.pop("sliding_window")
         return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_hf(cls, config: Any, **overrides: Any) -> "LlamaConfig":
@@ -161,40 +153,19 @@ class LlamaConfig:
         holding ``rope_theta`` and ``rope_type``). ``overrides`` (e.g. ``remat=True``)
         are applied last.
         """
-        if isinstance(config, Mapping):
-            d = dict(config)
-        elif hasattr(config, "to_dict"):
-            d = config.to_dict()
-            # to_dict may drop attributes equal to defaults in some versions; fill from attributes
-            for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                         "max_position_embeddings", "tie_word_embeddings", "attention_bias",
-                         "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
-                         "rope_parameters", "rope_scaling", "rope_theta", "hidden_act",
-                         "initializer_range", "model_type", "sliding_window"):
-                if name not in d and hasattr(config, name):
-                    d[name] = getattr(config, name)
-        else:
-            raise TypeError(f"expected a transformers config or a dict, got {type(config)!r}")
+        d = config_dict(config, (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+            "max_position_embeddings", "tie_word_embeddings", "attention_bias",
+            "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
+            "rope_parameters", "rope_scaling", "rope_theta", "hidden_act",
+            "initializer_range", "model_type", "sliding_window"))
 
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise NotImplementedError(f"hidden_act={act!r} not supported (only silu)")
 
-        rope_params = dict(d.get("rope_parameters") or {})
-        old_scaling = dict(d.get("rope_scaling") or {})
-        if any(isinstance(v, Mapping) for v in rope_params.values()):
-            raise NotImplementedError("per-layer-type rope_parameters are not supported for Llama")
-        merged = {**old_scaling, **rope_params}
-        theta = merged.pop("rope_theta", None)
-        if theta is None:
-            theta = d.get("rope_theta", 10000.0)
-        rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
-        merged.pop("type", None)
-        if merged.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) not in (None, 1.0):
-            raise NotImplementedError("partial_rotary_factor != 1 is not supported")
-        merged.pop("partial_rotary_factor", None)
-        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **merged}
+        theta, _, rope_scaling = rope_from_hf(d, "Llama")
         model_type = "mistral" if d.get("model_type") == "mistral" else "llama"
 
         kwargs = dict(
@@ -207,7 +178,7 @@ class LlamaConfig:
             num_key_value_heads=d.get("num_key_value_heads"),
             head_dim=d.get("head_dim"),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rope_theta=theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -226,12 +197,6 @@ class LlamaConfig:
 # --------------------------------------------------------------------------- modules
 
 
-def _linear(cfg: LlamaConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
-                      dot_general=flat_dot_general)
-
-
 class LlamaAttention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -240,11 +205,11 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
         self.dtype = dtype
-        args = (rngs, dtype, param_dtype)
-        self.q_proj = _linear(c, c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
-        self.k_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
-        self.v_proj = _linear(c, c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
-        self.o_proj = _linear(c, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
+        args = (c.initializer_range, rngs, dtype, param_dtype)
+        self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
+        self.k_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
+        self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
@@ -290,10 +255,10 @@ class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         c = config
-        args = (rngs, dtype, param_dtype)
-        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, *args)
-        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, *args)
-        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, *args)
+        args = (c.initializer_range, rngs, dtype, param_dtype)
+        self.gate_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias, *args)
+        self.up_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias, *args)
+        self.down_proj = linear(c.intermediate_size, c.hidden_size, c.mlp_bias, *args)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -387,8 +352,8 @@ class LlamaForCausalLM(CausalLM, nnx.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs,
-                                   dtype, param_dtype)
+            self.lm_head = linear(config.hidden_size, config.vocab_size, False,
+                                  config.initializer_range, rngs, dtype, param_dtype)
 
     @property
     def _backbone(self):
@@ -407,40 +372,6 @@ class LlamaForCausalLM(CausalLM, nnx.Module):
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_name(path: tuple) -> tuple[str, bool]:
-    """Map an nnx param path to ``(hf_weight_name, transpose)``.
-
-    ``("model", "layers", 0, "self_attn", "q_proj", "kernel")`` ->
-    ``("model.layers.0.self_attn.q_proj.weight", True)``.
-    """
-    *prefix, leaf = (str(p) for p in path)
-    if leaf == "kernel":
-        return ".".join([*prefix, "weight"]), True
-    if leaf in ("embedding", "weight"):
-        return ".".join([*prefix, "weight"]), False
-    if leaf == "bias":
-        return ".".join([*prefix, "bias"]), False
-    raise ValueError(f"no HF name for parameter path {path!r}")
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _named_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Param):
-            name, transpose = hf_name(path)
-            out[name] = (node, transpose)
-    return out
-
-
 def params_from_hf_state_dict(model: LlamaForCausalLM, state_dict: Mapping[str, Any], *,
                               strict: bool = True) -> LlamaForCausalLM:
     """Write HF-named tensors (numpy arrays or torch tensors) into ``model`` in place.
@@ -450,33 +381,11 @@ def params_from_hf_state_dict(model: LlamaForCausalLM, state_dict: Mapping[str, 
     missing and unexpected name. ``lm_head.weight`` is accepted and ignored for
     tied models; rotary ``inv_freq`` buffers are ignored. Returns ``model``.
     """
-    params = _named_params(model)
-    tied = model.lm_head is None
-    given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_HF_SUFFIXES)}
-    if tied:
-        given.pop("lm_head.weight", None)
-    missing = sorted(set(params) - set(given))
-    unexpected = sorted(set(given) - set(params))
-    if strict and (missing or unexpected):
-        raise KeyError(f"HF state dict does not match LlamaForCausalLM: missing={missing}, "
-                       f"unexpected={unexpected}")
-    for name, (var, transpose) in params.items():
-        if name not in given:
-            continue
-        arr = _to_numpy(given[name])
-        if transpose:
-            arr = arr.T
-        if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"shape mismatch for {name}: got {arr.shape} (after transpose={transpose}), "
-                             f"expected {tuple(var.shape)}")
-        var.set_value(jnp.asarray(arr, dtype=var.dtype))
-    return model
+    return load_state_dict(model, state_dict, hf_name, model_name="LlamaForCausalLM", strict=strict,
+                           ignore_suffixes=_IGNORED_HF_SUFFIXES,
+                           ignore_names=("lm_head.weight",) if model.lm_head is None else ())
 
 
 def params_to_hf_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     """Inverse of :func:`params_from_hf_state_dict`: HF-named numpy arrays (Linear weights as [out, in])."""
-    out = {}
-    for name, (var, transpose) in _named_params(model).items():
-        arr = np.asarray(var[...])
-        out[name] = arr.T if transpose else arr
-    return out
+    return export_state_dict(model, hf_name)
