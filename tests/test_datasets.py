@@ -401,3 +401,44 @@ def test_skip_bad_rows_drops_and_counts_in_every_kind_of_adapter(tmp_path):
     (c,) = load_helpsteer2_candidates(_jsonl(tmp_path / "hs.jsonl", hs), skip_bad_rows=True, report=rep)
     assert c.candidates == ["r0", "r2"] and c.meta["rows"] == [0, 2] and rep.by_source == {"helpsteer2/train": 1}
     assert "helpsteer2 row 1: field 'correctness' must be a number" in rep.summary()
+
+
+def test_preference_file_bad_json_line_names_file_and_line(tmp_path):
+    """A malformed JSON line in a ``preference`` JSONL file: a DataError naming the file and
+    the line (not datasets' opaque DatasetGenerationError); with ``skip_bad_rows`` the line is
+    dropped and counted under the file's name."""
+    from alignshift.data.schema import SkippedRows
+
+    good = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    path = tmp_path / "prefs" / "train.jsonl"
+    path.parent.mkdir()
+    lines = [json.dumps(r) for r in good]
+    lines.insert(2, '{"prompt": "q", "chosen": "a", rejected: "b"}')  # line 3: unquoted key
+    lines.insert(4, "")  # a blank line is fine
+    lines.insert(5, "[1, 2]")  # line 6: valid JSON, not an object
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path} line 3: not valid JSON"):
+        load_preference_file(str(path))
+    with pytest.raises(DataError, match=rf"{path} line 3: not valid JSON"):
+        load_dataset_splits("preference", str(path))
+    rep = SkippedRows()
+    out = load_preference_file(str(path), skip_bad_rows=True, report=rep)
+    assert [e.prompt for e in out] == ["q0", "q1", "q2", "q3"]
+    assert rep.count == 2 and rep.by_source == {str(path): 2}
+    assert f"{path} line 6: expected a JSON object" in rep.summary()
+    splits = load_dataset_splits("preference", str(path.parent), skip_bad_rows=True, val_ratio=0.25)
+    assert len(splits.train) + len(splits.val) == 4 and splits.info["skipped_rows"]["count"] == 2
+    # a bad line and a bad row together: both dropped, both counted
+    lines[0] = json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"})
+    path.write_text("\n".join(lines) + "\n")
+    rep = SkippedRows()
+    out = load_preference_file(str(path), skip_bad_rows=True, report=rep)
+    assert [e.prompt for e in out] == ["q1", "q2", "q3"] and rep.count == 3
+    # candidates layout goes through the same reader
+    (tmp_path / "c.jsonl").write_text('{"prompt": "q", "candidates": ["a", "b"], "scores": [1, 2]}\n{oops\n')
+    with pytest.raises(DataError, match=r"c.jsonl line 2: not valid JSON"):
+        load_dataset_splits("candidates", str(tmp_path / "c.jsonl"))
+    # a JSON array file with a syntax error: named by line too
+    (tmp_path / "arr.json").write_text('[\n {"prompt": "q", "chosen": "a", "rejected": "b"},\n {"prompt": }\n]\n')
+    with pytest.raises(DataError, match=r"arr.json line 3: not valid JSON"):
+        load_preference_file(str(tmp_path / "arr.json"))

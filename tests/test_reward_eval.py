@@ -73,6 +73,70 @@ def test_bad_rows_are_named(tmp_path):
         ev.load_bench(str(p))
 
 
+HH_GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: good", "rejected": "\n\nHuman: hi\n\nAssistant: bad"}
+# as in the published harmless-base test split: a row whose transcripts diverge before the last turn
+HH_DIVERGED = {"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: hi\n\nAssistant: good",
+               "rejected": "\n\nHuman: hi\n\nAssistant: hi\n\nHuman: hi\n\nAssistant: bad"}
+
+
+def _hh_file(path):
+    path.write_text("\n".join([json.dumps(HH_GOOD), json.dumps(HH_DIVERGED), "", "{not json",
+                               json.dumps({"chosen": "no turns here", "rejected": "x"}), json.dumps(HH_GOOD)]) + "\n")
+    return path
+
+
+def test_skip_bad_rows_counts_and_names_lines(tmp_path):
+    from alignshift.data import DataError
+    from alignshift.data.schema import SkippedRows
+
+    p = _hh_file(tmp_path / "hh.jsonl")
+    with pytest.raises(DataError, match=r"hh.jsonl: line 2: row 1: 'chosen' and 'rejected' transcripts have "
+                                        r"different histories"):
+        ev.load_bench(str(p))
+    rep = SkippedRows()
+    kind, layout, rows = ev.load_bench(str(p), skip_bad_rows=True, report=rep)
+    want = ("\n\nHuman: hi\n\nAssistant:", "good", "bad")
+    assert (kind, layout, rows) == ("pairwise", "hh", [want, want])
+    assert rep.count == 3 and rep.by_source == {str(p): 3}
+    assert [r.split(": ", 1)[1][:7] for r in rep.reasons] == ["line 2:", "line 4 ", "line 5:"]
+    assert "no '\\n\\nAssistant:' turn" in rep.reasons[2]
+    # max_examples counts the rows kept
+    assert ev.load_bench(str(p), max_examples=2, skip_bad_rows=True)[2] == [want, want]
+    # only bad rows: a clear error, not an empty evaluation
+    q = tmp_path / "allbad.jsonl"
+    q.write_text(json.dumps(HH_DIVERGED) + "\n")
+    with pytest.raises(DataError, match="no examples left after skipping bad rows"):
+        ev.load_bench(str(q), "hh", skip_bad_rows=True)
+
+
+def test_cli_data_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    p = _hh_file(tmp_path / "hh.jsonl")
+    cases = [
+        (["--bench", str(p)], "hh.jsonl: line 2: row 1: 'chosen' and 'rejected' transcripts have different histories"),
+        (["--bench", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--bench", str(p), "--layout", "shp"], "line 1: row 0: missing field 'human_ref_A'"),
+        # bad rows skipped, then the model folder is the problem
+        (["--bench", str(p), "--skip-bad-rows"], "no config.json"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--model", str(tmp_path / "no_model"), *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and needle in err[-1], err
+        assert len(err) == (5 if "--skip-bad-rows" in extra else 1), err  # the skip report, then the error
+    # the real entry point: no traceback, exit status 2
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "alignshift.rewards.evaluate", "--model", str(tmp_path),
+                        "--bench", str(p)], capture_output=True, text=True, env={**__import__("os").environ,
+                                                                                 "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {p}: line 2: row 1: 'chosen' and 'rejected' transcripts have different histories"]
+
+
 def test_evaluate_reward_with_known_scores():
     rows = [("p", "aa", "a"), ("p", "a", "aaa"), ("p", "aaaa", "aa")]
     res = ev.evaluate_reward(lambda ps, rs: [len(r) for r in rs], "pairwise", rows)
@@ -83,7 +147,7 @@ def test_evaluate_reward_with_known_scores():
     assert res["spearman"] == pytest.approx(0.5)
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, capsys):
     import transformers
     from flax import nnx
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -123,3 +187,12 @@ def test_cli_end_to_end(tmp_path):
     res = ev.main(["--model", str(folder), "--bench", str(rt), "--reward", "direct", "--batch-size", "2"])
     d = direct_scores(model, hf, ["hi"] * 3, ["good", "bad", "good yo"], batch_size=2)
     assert res["results"]["help.jsonl"]["spearman"] == pytest.approx(scipy.stats.spearmanr(d, [4, 0, 3])[0])
+    # messy HH file: the bad rows are skipped, counted and reported; the rest is evaluated
+    hh = _hh_file(tmp_path / "hh.jsonl")
+    res = ev.main(["--model", str(folder), "--bench", str(hh), "--reward", "direct", "--batch-size", "2",
+                   "--skip-bad-rows"])
+    r = res["results"]["hh.jsonl"]
+    assert r["layout"] == "hh" and r["n"] == 2 and r["skipped_rows"]["count"] == 3
+    assert "different histories" in r["skipped_rows"]["reasons"][0]
+    out = capsys.readouterr()
+    assert "hh.jsonl [hh, n=2, 3 bad row(s) skipped]" in out.out and "skipped 3 bad row(s)" in out.err

@@ -2,7 +2,8 @@
 
     python -m alignshift.rewards.evaluate --model PATH --bench shp.jsonl helpsteer.jsonl \
         [--reward flr|direct] [--dimension understanding] [--mode likelihood|repo] \
-        [--aggregate difference|positive|negative] [--layout auto] [--max-examples N] [--out res.json]
+        [--aggregate difference|positive|negative] [--layout auto] [--max-examples N] [--out res.json] \
+        [--skip-bad-rows]
 
 ``--model`` is a Hugging Face folder (``config.json`` + safetensors + tokenizer with a chat
 template, loaded by :func:`alignshift.models.hf.load_hf_model` / ``load_hf_tokenizer``).
@@ -39,6 +40,13 @@ Rating (metrics: Pearson and Spearman correlation of reward vs the gold score)
                     Feedback-Bench)
 ==================  ===========================================================================
 
+Malformed input (a line that is not JSON, a row missing a field, an HH row whose ``chosen``
+and ``rejected`` transcripts have different histories) raises a ``DataError`` naming the file,
+the line and the field; with ``--skip-bad-rows`` (``load_bench(..., skip_bad_rows=True)``) such
+rows are dropped instead, counted, and reported (on stderr and under ``skipped_rows`` in each
+file's results). On the command line a data error prints one ``error: ...`` line and exits
+with status 2.
+
 Metrics are plain NumPy (float64) and checked against SciPy in the tests: Spearman is the
 Pearson correlation of average ranks (ties share their mean rank); a constant input gives NaN.
 """
@@ -53,6 +61,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from alignshift.data.schema import DataError, SkippedRows
 
 __all__ = [
     "PAIRWISE_LAYOUTS",
@@ -228,33 +238,65 @@ def _parse_row(layout: str, r: dict, i: int):
     raise ValueError(f"unknown layout {layout!r}; valid: {PAIRWISE_LAYOUTS + RATING_LAYOUTS}")
 
 
-def load_bench(path: str, layout: str = "auto", max_examples: int | None = None) -> tuple[str, str, list[tuple]]:
+def load_bench(path: str, layout: str = "auto", max_examples: int | None = None, *, skip_bad_rows: bool = False,
+               report: SkippedRows | None = None) -> tuple[str, str, list[tuple]]:
     """Read a JSONL benchmark -> ``(kind, layout, rows)``: kind ``"pairwise"`` with rows
-    ``(prompt, chosen, rejected)`` or ``"rating"`` with rows ``(prompt, response, score)``."""
-    rows_raw = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f):
+    ``(prompt, chosen, rejected)`` or ``"rating"`` with rows ``(prompt, response, score)``.
+
+    A bad line (not UTF-8, not JSON, not an object) or a malformed row raises
+    :class:`~alignshift.data.DataError` (a ``ValueError``) naming the file and the line; with
+    ``skip_bad_rows`` it is dropped and counted in ``report`` instead. ``max_examples`` counts
+    the rows kept. The layout (``"auto"``) is recognised from the first JSON object."""
+    if layout != "auto" and layout not in PAIRWISE_LAYOUTS + RATING_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {PAIRWISE_LAYOUTS + RATING_LAYOUTS}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    rows: list[tuple] = []
+    i = -1  # index among the non-blank lines (the "row" of the messages)
+
+    def bad(err: DataError) -> None:
+        if not skip_bad_rows:
+            raise err
+        if report is not None:
+            report.add(path, err)
+
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                i += 1
+                bad(DataError(f"{path}: line {ln} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                              f"{e.start + 1})"))
+                continue
             if not line.strip():
                 continue
+            i += 1
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {ln + 1} is not valid JSON ({e.msg})") from None
+                bad(DataError(f"{path}: line {ln} is not valid JSON ({e.msg} at column {e.colno})"))
+                continue
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}: line {ln + 1} is not a JSON object")
-            rows_raw.append(obj)
-            if max_examples is not None and len(rows_raw) >= max_examples:
+                bad(DataError(f"{path}: line {ln} is not a JSON object (got {type(obj).__name__})"))
+                continue
+            if layout == "auto":
+                try:
+                    layout = detect_layout(obj)
+                except ValueError as e:
+                    raise DataError(f"{path}: line {ln}: {e}") from None
+            try:
+                rows.append(_parse_row(layout, obj, i))
+            except ValueError as e:
+                bad(DataError(f"{path}: line {ln}: {e}"))
+                continue
+            except (KeyError, TypeError, AttributeError) as e:  # a field of the wrong shape
+                bad(DataError(f"{path}: line {ln}: row {i}: malformed {layout} row ({type(e).__name__}: {e})"))
+                continue
+            if max_examples is not None and len(rows) >= max_examples:
                 break
-    if not rows_raw:
-        raise ValueError(f"{path}: no examples")
-    if layout == "auto":
-        layout = detect_layout(rows_raw[0])
-    if layout not in PAIRWISE_LAYOUTS + RATING_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid: {PAIRWISE_LAYOUTS + RATING_LAYOUTS}")
-    try:
-        rows = [_parse_row(layout, r, i) for i, r in enumerate(rows_raw)]
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    if not rows:
+        raise DataError(f"{path}: no examples" + (" left after skipping bad rows" if i >= 0 else ""))
     return ("pairwise" if layout in PAIRWISE_LAYOUTS else "rating"), layout, rows
 
 
@@ -296,18 +338,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context-len", type=int, default=None, help="left-truncate contexts to this many tokens")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop malformed rows (bad JSON lines, missing fields, HH rows whose chosen/rejected "
+                        "histories differ) instead of stopping; the dropped rows are counted and reported")
     return p
 
 
+def _error_exit(e: BaseException) -> None:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(str(msg).split("\n")[0].split()) or type(e).__name__
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def main(argv=None) -> dict:
+    """The CLI (module docstring). Returns the results dict; a data error (bad file, bad row,
+    bad model folder) prints one ``error: ...`` line on stderr and exits with status 2."""
     args = _parser().parse_args(argv)
+    # read every benchmark first: a data error stops the run before the model is loaded
+    benches = []
+    try:
+        for path in args.bench:
+            rep = SkippedRows(keep=5)
+            kind, layout, rows = load_bench(path, args.layout, args.max_examples, skip_bad_rows=args.skip_bad_rows,
+                                            report=rep)
+            if rep.count:
+                print(f"{os.path.basename(path)}: {rep.summary()}", file=sys.stderr, flush=True)
+            benches.append((path, kind, layout, rows, rep))
+    except (OSError, ValueError) as e:
+        _error_exit(e)
+
     import jax.numpy as jnp
 
     from alignshift.models.hf import load_hf_model, load_hf_tokenizer
     from alignshift.rewards.flr import direct_scores, flr_scores
 
-    model = load_hf_model(args.model, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
-    tok = load_hf_tokenizer(args.model)
+    try:
+        model = load_hf_model(args.model, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+        tok = load_hf_tokenizer(args.model)
+    except (OSError, ValueError, KeyError) as e:
+        _error_exit(e)
     if args.reward == "flr":
         dim = args.dimension.split(",") if "," in args.dimension else args.dimension
         fn = lambda p, r: flr_scores(model, tok, p, r, dimension=dim, mode=args.mode,  # noqa: E731
@@ -317,13 +387,18 @@ def main(argv=None) -> dict:
     else:
         fn = lambda p, r: direct_scores(model, tok, p, r, batch_size=args.batch_size)  # noqa: E731
     results = {}
-    for path in args.bench:
-        kind, layout, rows = load_bench(path, args.layout, args.max_examples)
-        res = {"layout": layout, **evaluate_reward(fn, kind, rows)}
+    for path, kind, layout, rows, rep in benches:
+        try:
+            res = {"layout": layout, **evaluate_reward(fn, kind, rows)}
+        except ValueError as e:  # a row the tokenizer/template cannot score, a bad --dimension, ...
+            _error_exit(ValueError(f"{path}: {e}"))
+        if args.skip_bad_rows:
+            res["skipped_rows"] = {"count": rep.count, "reasons": list(rep.reasons)}
         results[os.path.basename(path)] = res
         metric = (f"accuracy {res['accuracy']:.4f}" if kind == "pairwise"
                   else f"pearson {res['pearson']:.4f}  spearman {res['spearman']:.4f}")
-        print(f"{os.path.basename(path)} [{layout}, n={res['n']}]: {metric}", flush=True)
+        skipped = f", {rep.count} bad row(s) skipped" if rep.count else ""
+        print(f"{os.path.basename(path)} [{layout}, n={res['n']}{skipped}]: {metric}", flush=True)
     out = {"model": args.model, "reward": args.reward, "dimension": args.dimension, "mode": args.mode,
            "aggregate": args.aggregate, "template": args.template, "results": results}
     if args.out:

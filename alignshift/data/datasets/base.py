@@ -19,20 +19,22 @@ or a local path: a ``.jsonl``/``.json``/``.parquet`` file, or a folder holding
 ``{split}.jsonl`` / ``{split}.parquet`` (or ``{split}-*.parquet``) files, or any folder
 ``datasets.load_dataset`` understands. Nothing is downloaded unless a hub name is given.
 A malformed row raises :class:`alignshift.data.DataError` naming the dataset, the row index
-and the field.
+and the field; a local JSON/JSONL file that ``datasets`` cannot read raises one naming the file
+and the line (a bad line is skipped and counted instead with ``skip_bad_rows``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from alignshift.data.schema import DataError, PreferenceExample
+from alignshift.data.schema import DataError, PreferenceExample, SkippedRows, read_jsonl_rows
 
 __all__ = [
     "CandidateExample",
@@ -104,13 +106,71 @@ def _local_files(path: str, split: str) -> tuple[str, list[str]] | None:
     return None
 
 
+def _first_char(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1].decode("ascii", "replace")
+
+
+def _json_file_rows(path: str, *, skip_bad_rows: bool, report: SkippedRows | None) -> list[dict]:
+    """The rows of one local JSON file read without ``datasets``: a JSON array of objects, or
+    JSON lines (a bad line raises :class:`DataError` naming the file and the line, or is
+    skipped and counted in ``report`` with ``skip_bad_rows``)."""
+    if _first_char(path) == "[":  # one JSON document: an array of row objects
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        rows = []
+        for i, r in enumerate(doc):
+            if isinstance(r, dict):
+                rows.append(r)
+                continue
+            err = DataError(f"{path} item {i}: expected a JSON object, got {type(r).__name__}")
+            if not skip_bad_rows:
+                raise err
+            if report is not None:
+                report.add(path, err)
+        return rows
+    return read_jsonl_rows(path, skip_bad_rows=skip_bad_rows, report=report)
+
+
+def _load_json_files(hfds, files: list[str], split: str, *, dataset: str, skip_bad_rows: bool,
+                     report: SkippedRows | None) -> list[dict]:
+    """Local JSON/JSONL files through ``datasets``; when it fails (its error names neither the
+    file nor the line), the files are read line by line to find and name the bad line."""
+    try:
+        return [dict(r) for r in hfds.load_dataset("json", data_files={split: files}, split=split)]
+    except Exception as e:  # noqa: BLE001 - datasets wraps pyarrow's errors in DatasetGenerationError
+        err = e
+    rows = []
+    for f in files:
+        rows += _json_file_rows(f, skip_bad_rows=skip_bad_rows, report=report)
+    if len(rows) and not skip_bad_rows:
+        # every line is a JSON object, yet datasets could not make a table of them: say why
+        cause = err.__cause__ or err
+        raise DataError(f"{dataset}: datasets could not read {', '.join(files)}: "
+                        f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+    # skip_bad_rows: the good rows, with every row given every column (None where absent), as datasets does
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
 def load_rows(source: str, split: str = "train", *, name: str | None = None, data_dir: str | None = None,
-              max_rows: int | None = None, dataset: str = "dataset") -> list[dict]:
+              max_rows: int | None = None, dataset: str = "dataset", skip_bad_rows: bool = False,
+              report: SkippedRows | None = None) -> list[dict]:
     """Rows (plain dicts) of ``split`` from a local file/folder or a hub dataset name.
 
     ``name`` is the hub config name and ``data_dir`` the hub sub-folder (e.g. HH-RLHF's
     ``harmless-base``); for a local folder ``data_dir`` is joined to the path. ``max_rows``
     keeps the first rows only. ``dataset`` names the adapter in error messages.
+
+    A local JSON/JSONL line that is not valid JSON (or not an object) raises
+    :class:`DataError` naming the file and the line; with ``skip_bad_rows`` such lines are
+    dropped and counted in ``report`` instead.
     """
     import datasets as hfds
 
@@ -120,6 +180,10 @@ def load_rows(source: str, split: str = "train", *, name: str | None = None, dat
     local = _local_files(path, split)
     if local is not None:
         builder, files = local
+        if builder == "json":
+            rows = _load_json_files(hfds, files, split, dataset=dataset, skip_bad_rows=skip_bad_rows,
+                                    report=report)
+            return rows if max_rows is None else rows[: int(max_rows)]
         if builder:
             ds = hfds.load_dataset(builder, data_files={split: files}, split=split)
         else:  # a folder datasets knows how to read (e.g. a saved hub snapshot)

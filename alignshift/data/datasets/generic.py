@@ -39,8 +39,10 @@ def load_preference_file(source: str, split: str = "train", *, max_rows: int | N
                          name: str = "preference", skip_bad_rows: bool = False,
                          report: SkippedRows | None = None) -> list[PreferenceExample]:
     """Pairs in the ``preference`` layout (module docstring); with ``skip_bad_rows`` malformed
-    rows are dropped and counted in ``report``."""
-    rows = load_rows(source, split, max_rows=max_rows, dataset=name)
+    rows (and, in a local JSONL file, lines that are not valid JSON) are dropped and counted in
+    ``report``; without it the first one raises :class:`DataError` naming the row and field
+    (for a bad JSON line: the file and the line)."""
+    rows = load_rows(source, split, max_rows=max_rows, dataset=name, skip_bad_rows=skip_bad_rows, report=report)
     return convert_rows(rows, lambda r, i: _preference_row(r, i, name), source=f"{name}/{split}",
                         skip_bad_rows=skip_bad_rows, report=report)
 
@@ -74,7 +76,7 @@ def load_candidates_file(source: str, split: str = "train", *, max_rows: int | N
                          report: SkippedRows | None = None) -> list[CandidateExample]:
     """Candidate sets in the ``candidates`` layout (module docstring); with ``skip_bad_rows``
     malformed rows are dropped and counted in ``report``."""
-    rows = load_rows(source, split, max_rows=max_rows, dataset=name)
+    rows = load_rows(source, split, max_rows=max_rows, dataset=name, skip_bad_rows=skip_bad_rows, report=report)
     return convert_rows(rows, lambda r, i: _candidates_row(r, i, name), source=f"{name}/{split}",
                         skip_bad_rows=skip_bad_rows, report=report)
 
