@@ -320,6 +320,20 @@ def _folder_ok(folder: str, source: dict) -> str | None:
     return None
 
 
+def _remove_stale_temps(folder: str, age_s: float = 3600.0) -> None:
+    """Temporary siblings (``.<name>.tmp-*`` / ``.<name>.old-*``) left by a killed build over an hour ago."""
+    import glob
+    import time
+
+    base = os.path.join(os.path.dirname(folder), "." + os.path.basename(folder))
+    for p in glob.glob(base + ".tmp-*") + glob.glob(base + ".old-*"):
+        try:
+            if time.time() - os.path.getmtime(p) > age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _gguf_source(path: str) -> dict:
     return {"gguf_file": os.path.basename(path), "gguf_size": os.path.getsize(path), "gguf_sha256": _sha256(path)}
 
@@ -338,6 +352,7 @@ def smollm2_folder(cache_dir: str | None = None, *, verbose: bool = False) -> st
         return folder
     if verbose:
         print(f"building {folder} from {gguf_path} ({why})", file=sys.stderr)
+    _remove_stale_temps(folder)
     try:
         convert_gguf(gguf_path, folder, overwrite=os.path.lexists(folder), _marker=source)
     except OSError:
