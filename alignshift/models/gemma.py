@@ -63,12 +63,16 @@ from alignshift.models.layers import (
     apply_rotary,
     causal_padding_mask,
     CausalLM,
-    flat_attend,
+    embed_lookup,
+    embedding,
+    grouped_query_attention,
     linear,
-    masked_softmax,
+    lm_logits,
+    RMSNorm,
     rope_cos_sin,
     rope_inv_freq,
     sliding_window_mask,
+    softcap,
 )
 
 __all__ = [
@@ -139,16 +143,7 @@ class GemmaConfig(HFConfig):
     def __post_init__(self):
         if self.model_type not in _MODEL_TYPES:
             raise ValueError(f"model_type must be one of {_MODEL_TYPES}, got {self.model_type!r}")
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        self._resolve_heads()
         if self.hidden_activation not in _ACTIVATIONS:
             raise NotImplementedError(f"hidden_activation={self.hidden_activation!r} not supported "
                                       f"({sorted(_ACTIVATIONS)})")
@@ -215,39 +210,27 @@ class GemmaConfig(HFConfig):
 
         theta, _, _ = rope_from_hf(d, "Gemma", rope_types=("default",))
 
-        kwargs: dict[str, Any] = dict(
-            model_type=model_type,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            max_position_embeddings=d.get("max_position_embeddings", 8192),
-            hidden_activation=act,
-            attention_bias=bool(d.get("attention_bias", False)),
-            pad_token_id=d.get("pad_token_id", 0),  # HF Gemma defaults
-            bos_token_id=d.get("bos_token_id", 2),
-            eos_token_id=d.get("eos_token_id", 1),
-            initializer_range=d.get("initializer_range", 0.02),
-        )
+        gemma2: dict[str, Any] = {}
         if model_type == "gemma2":
             for k, default in _GEMMA2_DEFAULTS.items():
-                kwargs[k] = d.get(k, default)
-            kwargs["layer_types"] = d.get("layer_types")
-            if kwargs["layer_types"] is not None:
-                kwargs["layer_types"] = list(kwargs["layer_types"])
-        kwargs.update(overrides)
-        return cls(**kwargs)
+                gemma2[k] = d.get(k, default)
+            gemma2["layer_types"] = d.get("layer_types")
+            if gemma2["layer_types"] is not None:
+                gemma2["layer_types"] = list(gemma2["layer_types"])
+        return cls._from_hf_dict(
+            d, overrides,
+            required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads"),
+            optional=("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                      "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range"),
+            flags=("attention_bias",),
+            model_type=model_type, rope_theta=theta, hidden_activation=act, **gemma2)
 
 
 # --------------------------------------------------------------------------- modules
 
 
-class GemmaRMSNorm(nnx.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma RMSNorm: ``normalise(x) * (1 + weight)`` in float32, then cast to ``dtype``.
 
     ``weight`` is zero-centred (initialised to 0, i.e. identity scaling).
@@ -255,21 +238,7 @@ class GemmaRMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32):
-        self.weight = nnx.Param(jnp.zeros((dim,), dtype=param_dtype))
-        self.eps = float(eps)
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
-
-
-def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    if cap is None:
-        return x
-    return jnp.tanh(x / cap) * cap
+        super().__init__(dim, eps=eps, dtype=dtype, param_dtype=param_dtype, zero_centered=True)
 
 
 class GemmaAttention(nnx.Module):
@@ -292,18 +261,11 @@ class GemmaAttention(nnx.Module):
         """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        G = H // KV  # HF repeat_kv: query head h uses kv head h // G
-        q = self.q_proj(x).reshape(B, T, H, D)
-        k = self.k_proj(x).reshape(B, T, KV, D)
+        q = apply_rotary(self.q_proj(x).reshape(B, T, H, D), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(B, T, KV, D), cos, sin)
         v = self.v_proj(x).reshape(B, T, KV, D)
-        q = apply_rotary(q, cos, sin).astype(self.dtype).reshape(B, T, KV, G, D)
-        k = apply_rotary(k, cos, sin).astype(self.dtype)
-        v = v.astype(self.dtype)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = _softcap(scores * self.scaling, self.softcap)
-        probs = masked_softmax(scores, mask[:, :, None])  # mask -> [B,1,1,T,S]
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v)
-        return self.o_proj(out.reshape(B, T, H * D))
+        out = grouped_query_attention(q, k, v, mask, self.scaling, self.dtype, logit_cap=self.softcap)
+        return self.o_proj(out)
 
 
 class GemmaMLP(nnx.Module):
@@ -356,9 +318,8 @@ class GemmaModel(nnx.Module):
                  param_dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
-        self.embed_tokens = nnx.Embed(
-            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, config.initializer_range,
+                                      rngs, dtype, param_dtype)
         self.layers = nnx.List([
             GemmaDecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             for _ in range(config.num_hidden_layers)
@@ -368,9 +329,7 @@ class GemmaModel(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Scaled input embeddings ``E[ids] * sqrt(hidden_size)`` in ``dtype`` (normaliser rounded to ``dtype``)."""
-        emb = self.embed_tokens.embedding[...]
-        # mode="clip": out-of-range ids (e.g. a pad id of -1) must not produce NaN rows.
-        x = jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+        x = embed_lookup(self.embed_tokens, input_ids, self.dtype)
         return x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype=self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
@@ -402,8 +361,8 @@ class GemmaForCausalLM(CausalLM, nnx.Module):
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Tied LM head (+ final logit soft-cap, applied in float32) -> float32 logits."""
-        logits = flat_attend(self.model.embed_tokens, h.astype(self.dtype)).astype(jnp.float32)
-        return _softcap(logits, self.config.final_logit_softcapping)
+        logits = lm_logits(self.model.embed_tokens, None, h, self.dtype)
+        return softcap(logits, self.config.final_logit_softcapping)
 
 
 # --------------------------------------------------------------------------- HF weight mapping

@@ -45,9 +45,11 @@ from alignshift.models.layers import (
     causal_padding_mask,
     CausalLM,
     dot_product_attention,
-    flat_attend,
+    embed_lookup,
+    embedding,
     LayerNorm,
     linear,
+    lm_logits,
 )
 
 __all__ = [
@@ -154,26 +156,17 @@ class GPT2Config(HFConfig):
                 raise KeyError(f"config has neither {name!r} nor {alias!r}")
             return default
 
-        kwargs = dict(
+        return cls._from_hf_dict(
+            d, overrides,
+            optional=("n_inner", "activation_function", "layer_norm_epsilon", "pad_token_id",
+                      "bos_token_id", "eos_token_id", "initializer_range"),
+            flags=("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                   "tie_word_embeddings"),
             vocab_size=d["vocab_size"],
             n_positions=pick("n_positions", "max_position_embeddings", 1024),
             n_embd=pick("n_embd", "hidden_size"),
             n_layer=pick("n_layer", "num_hidden_layers"),
-            n_head=pick("n_head", "num_attention_heads"),
-            n_inner=d.get("n_inner"),
-            activation_function=d.get("activation_function", "gelu_new"),
-            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
-            scale_attn_weights=bool(d.get("scale_attn_weights", True)),
-            scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
-            reorder_and_upcast_attn=bool(d.get("reorder_and_upcast_attn", False)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            pad_token_id=d.get("pad_token_id"),
-            bos_token_id=d.get("bos_token_id", 50256),  # HF GPT2Config defaults
-            eos_token_id=d.get("eos_token_id", 50256),
-            initializer_range=d.get("initializer_range", 0.02),
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+            n_head=pick("n_head", "num_attention_heads"))
 
 
 # --------------------------------------------------------------------------- modules
@@ -241,11 +234,9 @@ class GPT2Model(nnx.Module):
                  param_dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
-        init = nnx.initializers.normal(config.initializer_range)
-        self.wte = nnx.Embed(config.vocab_size, config.n_embd, dtype=dtype, param_dtype=param_dtype,
-                             embedding_init=init, rngs=rngs)
-        self.wpe = nnx.Embed(config.n_positions, config.n_embd, dtype=dtype, param_dtype=param_dtype,
-                             embedding_init=init, rngs=rngs)
+        std = config.initializer_range
+        self.wte = embedding(config.vocab_size, config.n_embd, std, rngs, dtype, param_dtype)
+        self.wpe = embedding(config.n_positions, config.n_embd, std, rngs, dtype, param_dtype)
         self.h = nnx.List([
             GPT2Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             for i in range(config.n_layer)
@@ -255,15 +246,13 @@ class GPT2Model(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings only (no positions); out-of-range ids are clipped, never NaN."""
-        emb = self.wte.embedding[...]
-        return jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+        return embed_lookup(self.wte, input_ids, self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
                  positions: jax.Array) -> jax.Array:
         c = self.config
         # positions beyond n_positions are clipped to the last learned one (HF would index-error)
-        pos_emb = jnp.take(self.wpe.embedding[...], positions, axis=0, mode="clip")
-        h = inputs_embeds.astype(self.dtype) + pos_emb.astype(self.dtype)
+        h = inputs_embeds.astype(self.dtype) + embed_lookup(self.wpe, positions, self.dtype)
         mask = causal_padding_mask(attention_mask)
         for block in self.h:
             h = apply_layer(block, h, mask, remat=c.remat)
@@ -281,22 +270,15 @@ class GPT2LMHeadModel(CausalLM, nnx.Module):
         self.config = config
         self.dtype = dtype
         self.transformer = GPT2Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = linear(config.n_embd, config.vocab_size, False, config.initializer_range, rngs,
-                                  dtype, param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config.n_embd, config.vocab_size, False, config.initializer_range, rngs, dtype, param_dtype)
 
     @property
     def _backbone(self):
         return self.transformer
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            logits = flat_attend(self.transformer.wte, h.astype(self.dtype))
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return lm_logits(self.transformer.wte, self.lm_head, h, self.dtype)
 
 
 # --------------------------------------------------------------------------- HF weight mapping

@@ -55,9 +55,11 @@ from alignshift.models.layers import (
     causal_padding_mask,
     CausalLM,
     dot_product_attention,
-    flat_attend,
+    embed_lookup,
+    embedding,
     LayerNorm,
     linear,
+    lm_logits,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -159,28 +161,14 @@ class GPTNeoXConfig(HFConfig):
             d, "GPT-NeoX", theta_keys=("rope_theta", "rotary_emb_base"),
             factor_keys=("partial_rotary_factor", "rotary_pct"), factor_default=0.25)
 
-        kwargs = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-            use_parallel_residual=bool(d.get("use_parallel_residual", True)),
-            hidden_act=d.get("hidden_act", "gelu"),
-            rope_theta=theta,
-            partial_rotary_factor=factor,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", True)),
-            pad_token_id=d.get("pad_token_id"),
-            bos_token_id=d.get("bos_token_id", 0),  # HF GPTNeoXConfig defaults
-            eos_token_id=d.get("eos_token_id", 2),
-            initializer_range=d.get("initializer_range", 0.02),
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls._from_hf_dict(
+            d, overrides,
+            required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads"),
+            optional=("layer_norm_eps", "hidden_act", "max_position_embeddings", "pad_token_id",
+                      "bos_token_id", "eos_token_id", "initializer_range"),
+            flags=("use_parallel_residual", "tie_word_embeddings", "attention_bias"),
+            rope_theta=theta, partial_rotary_factor=factor, rope_scaling=rope_scaling)
 
 
 # --------------------------------------------------------------------------- modules
@@ -256,9 +244,8 @@ class GPTNeoXModel(nnx.Module):
                  param_dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
-        self.embed_in = nnx.Embed(
-            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.embed_in = embedding(config.vocab_size, config.hidden_size, config.initializer_range,
+                                  rngs, dtype, param_dtype)
         self.layers = nnx.List([
             GPTNeoXLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             for _ in range(config.num_hidden_layers)
@@ -267,9 +254,7 @@ class GPTNeoXModel(nnx.Module):
                                           param_dtype=param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        # mode="clip": out-of-range ids (e.g. a pad id of -1) must not produce NaN rows.
-        emb = self.embed_in.embedding[...]
-        return jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+        return embed_lookup(self.embed_in, input_ids, self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
                  positions: jax.Array) -> jax.Array:
@@ -294,22 +279,15 @@ class GPTNeoXForCausalLM(CausalLM, nnx.Module):
         self.config = config
         self.dtype = dtype
         self.gpt_neox = GPTNeoXModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        if config.tie_word_embeddings:
-            self.embed_out = None
-        else:
-            self.embed_out = linear(config.hidden_size, config.vocab_size, False,
-                                    config.initializer_range, rngs, dtype, param_dtype)
+        self.embed_out = None if config.tie_word_embeddings else linear(
+            config.hidden_size, config.vocab_size, False, config.initializer_range, rngs, dtype, param_dtype)
 
     @property
     def _backbone(self):
         return self.gpt_neox
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        if self.embed_out is None:
-            logits = flat_attend(self.gpt_neox.embed_in, h.astype(self.dtype))
-        else:
-            logits = self.embed_out(h)
-        return logits.astype(jnp.float32)
+        return lm_logits(self.gpt_neox.embed_in, self.embed_out, h, self.dtype)
 
 
 # --------------------------------------------------------------------------- HF weight mapping

@@ -4,8 +4,9 @@ A model file supplies its architecture and a name map ``hf_name(path) -> (hf_wei
 transpose)`` from an nnx parameter path; this module turns that map into state-dict import
 (:func:`load_state_dict`, with the missing / unexpected / shape checks) and export
 (:func:`export_state_dict`). It also holds the config side: :class:`HFConfig` (the
-hashable config dataclass base), :func:`config_dict` and :func:`rope_from_hf` (the
-transformers 4 / 5 rotary spellings). :mod:`alignshift.models.hf` reads and writes folders.
+hashable config dataclass base), :func:`config_dict`, and :func:`rope_from_hf` /
+:func:`normalize_rope_scaling` (the transformers 4 / 5 rotary spellings).
+:mod:`alignshift.models.hf` reads and writes checkpoint folders.
 """
 
 from __future__ import annotations
@@ -140,6 +141,36 @@ class HFConfig:
         """Build from a dict, ignoring keys that are not fields."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def _resolve_heads(self) -> None:
+        """For grouped-query configs (``head_dim``, ``num_key_value_heads``): fill their HF
+        defaults (``hidden_size // num_attention_heads``, ``num_attention_heads``) and check
+        that the kv heads divide the query heads and that ``head_dim`` is even (rotary)."""
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def _from_hf_dict(cls, d: Mapping[str, Any], overrides: Mapping[str, Any], *,
+                      required: Iterable[str] = (), optional: Iterable[str] = (),
+                      flags: Iterable[str] = (), **fields: Any):
+        """``cls(**fields)`` plus fields read from the config.json-style dict ``d``:
+        ``required`` as ``d[name]``, ``optional`` as ``d.get(name, field default)`` (the
+        field defaults are transformers' defaults), ``flags`` as ``bool`` of that;
+        ``overrides`` are applied last."""
+        default = {f.name: f.default for f in dataclasses.fields(cls)}
+        kwargs = {**fields, **{k: d[k] for k in required}}
+        kwargs.update({k: d.get(k, default[k]) for k in optional})
+        kwargs.update({k: bool(d.get(k, default[k])) for k in flags})
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
 
 def config_dict(config: Any, names: Iterable[str]) -> dict[str, Any]:

@@ -60,20 +60,47 @@ def flat_attend(embed: nnx.Embed, h: jax.Array) -> jax.Array:
     return y.reshape(*h.shape[:-1], y.shape[-1])
 
 
+def embedding(num: int, dim: int, std: float, rngs: nnx.Rngs, dtype: Any, param_dtype: Any) -> nnx.Embed:
+    """``nnx.Embed`` with a ``normal(std)`` init."""
+    return nnx.Embed(num, dim, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+def embed_lookup(embed: nnx.Embed, ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows ``ids`` of ``embed`` in ``dtype``; out-of-range ids (e.g. a pad id of -1) are
+    clipped (``mode="clip"``), so they never produce NaN rows."""
+    return jnp.take(embed.embedding[...], ids, axis=0, mode="clip").astype(dtype)
+
+
+def lm_logits(embed: nnx.Embed, head: nnx.Linear | None, h: jax.Array, dtype: Any) -> jax.Array:
+    """float32 logits from final hidden states ``h``: ``head(h)``, or the tied head
+    ``h @ embedᵀ`` (in ``dtype``) when ``head`` is ``None``."""
+    logits = flat_attend(embed, h.astype(dtype)) if head is None else head(h)
+    return logits.astype(jnp.float32)
+
+
 class RMSNorm(nnx.Module):
-    """Root-mean-square layer norm (Llama / T5 style), parameter named ``weight``."""
+    """Root-mean-square layer norm (Llama / T5 style), parameter named ``weight``.
+
+    ``zero_centered`` (Gemma): the scale is ``1 + weight`` (in float32) and ``weight`` starts at 0.
+    """
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+                 param_dtype: Any = jnp.float32, zero_centered: bool = False):
+        init = jnp.zeros if zero_centered else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype=param_dtype))
         self.eps = float(eps)
         self.dtype = dtype
+        self.zero_centered = bool(zero_centered)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+        scale = self.weight[...].astype(jnp.float32)
+        if self.zero_centered:
+            scale = 1.0 + scale
+        return (y * scale).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -277,6 +304,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                         preferred_element_type=jnp.float32) * scale
     probs = masked_softmax(scores, mask)
     out = jnp.einsum("bhts,bshd->bthd", probs.astype(dtype), v.astype(dtype))
+    return out.reshape(B, T, H * D)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Soft-capping ``tanh(x / cap) * cap`` (identity when ``cap`` is ``None``)."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                            dtype: Any, logit_cap: float | None = None) -> jax.Array:
+    """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D] (H a multiple of KV; query head
+    ``h`` uses kv head ``h // (H // KV)``, HF ``repeat_kv``), boolean mask [B,1,T,S]
+    -> [B,T,H*D] in ``dtype``.
+
+    Scores and softmax in float32; ``logit_cap`` soft-caps the scaled scores before masking
+    (:func:`softcap`); fully masked rows give a uniform (finite) softmax.
+    """
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    q = q.astype(dtype).reshape(B, T, KV, H // KV, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
+    scores = softcap(scores * scale, logit_cap)
+    probs = masked_softmax(scores, mask[:, :, None])  # mask -> [B,1,1,T,S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype))
     return out.reshape(B, T, H * D)
 
 

@@ -39,9 +39,11 @@ from alignshift.models.layers import (
     cached_attention_mask,
     causal_padding_mask,
     CausalLM,
-    flat_attend,
+    embed_lookup,
+    embedding,
+    grouped_query_attention,
     linear,
-    masked_softmax,
+    lm_logits,
     RMSNorm,
     rope_cos_sin,
     rope_inv_freq,
@@ -119,16 +121,7 @@ class LlamaConfig(HFConfig):
                 raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
         if self.model_type == "mistral" and (self.attention_bias or self.mlp_bias):
             raise ValueError("model_type='mistral' has no attention/MLP biases (HF MistralForCausalLM)")
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        self._resolve_heads()
         if isinstance(self.eos_token_id, tuple):
             self.eos_token_id = list(self.eos_token_id)
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
@@ -168,30 +161,15 @@ class LlamaConfig(HFConfig):
         theta, _, rope_scaling = rope_from_hf(d, "Llama")
         model_type = "mistral" if d.get("model_type") == "mistral" else "llama"
 
-        kwargs = dict(
-            model_type=model_type,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            pad_token_id=d.get("pad_token_id"),
-            bos_token_id=d.get("bos_token_id", 1),  # HF LlamaConfig defaults
-            eos_token_id=d.get("eos_token_id", 2),
-            initializer_range=d.get("initializer_range", 0.02),
-            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls._from_hf_dict(
+            d, overrides,
+            required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads"),
+            optional=("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                      "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range"),
+            flags=("tie_word_embeddings", "attention_bias", "mlp_bias"),
+            model_type=model_type, rope_theta=theta, rope_scaling=rope_scaling,
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None)
 
 
 # --------------------------------------------------------------------------- modules
@@ -213,42 +191,28 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
+        q, k, v = self._qkv(x, cos, sin)
+        return self.o_proj(grouped_query_attention(q, k, v, mask, self.head_dim ** -0.5, self.dtype))
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Projected heads: rotated q [B,T,H,D] and k [B,T,KV,D], and v [B,T,KV,D]."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        G = H // KV  # query heads per kv head (GQA); HF repeat_kv puts head h on kv head h // G
         q = self.q_proj(x).reshape(B, T, H, D)
         k = self.k_proj(x).reshape(B, T, KV, D)
         v = self.v_proj(x).reshape(B, T, KV, D)
-        q = apply_rotary(q, cos, sin).astype(self.dtype).reshape(B, T, KV, G, D)
-        k = apply_rotary(k, cos, sin).astype(self.dtype)
-        v = v.astype(self.dtype)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (D ** -0.5)
-        probs = masked_softmax(scores, mask[:, :, None])  # mask -> [B,1,1,T,S]
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v)
-        return self.o_proj(out.reshape(B, T, H * D))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward_cached(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
                        k_cache: jax.Array, v_cache: jax.Array, index):
         """KV-cache variant of ``__call__``: x [B,T,d] are the tokens at cache slots
         ``index..index+T-1``; mask bool [B,1,T,S]; caches [B,S,KV,D]. Returns (out, k, v)."""
-        B, T, _ = x.shape
-        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        G = H // KV
-        q = self.q_proj(x).reshape(B, T, H, D)
-        k = self.k_proj(x).reshape(B, T, KV, D)
-        v = self.v_proj(x).reshape(B, T, KV, D)
-        q = apply_rotary(q, cos, sin).astype(self.dtype).reshape(B, T, KV, G, D)
-        k = apply_rotary(k, cos, sin).astype(k_cache.dtype)
+        q, k, v = self._qkv(x, cos, sin)
         start = (0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k, start)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        scores = scores * (D ** -0.5)
-        probs = masked_softmax(scores, mask[:, :, None])
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v_cache.astype(self.dtype))
-        return self.o_proj(out.reshape(B, T, H * D)), k_cache, v_cache
+        out = grouped_query_attention(q, k_cache, v_cache, mask, self.head_dim ** -0.5, self.dtype)
+        return self.o_proj(out), k_cache, v_cache
 
 
 class LlamaMLP(nnx.Module):
@@ -293,9 +257,8 @@ class LlamaModel(nnx.Module):
                  param_dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
-        self.embed_tokens = nnx.Embed(
-            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, config.initializer_range,
+                                      rngs, dtype, param_dtype)
         self.layers = nnx.List([
             LlamaDecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             for _ in range(config.num_hidden_layers)
@@ -304,9 +267,7 @@ class LlamaModel(nnx.Module):
                             param_dtype=param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        # mode="clip": out-of-range ids (e.g. a pad id of -1) must not produce NaN rows.
-        emb = self.embed_tokens.embedding[...]
-        return jnp.take(emb, input_ids, axis=0, mode="clip").astype(self.dtype)
+        return embed_lookup(self.embed_tokens, input_ids, self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
                  positions: jax.Array) -> jax.Array:
@@ -349,22 +310,15 @@ class LlamaForCausalLM(CausalLM, nnx.Module):
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = linear(config.hidden_size, config.vocab_size, False,
-                                  config.initializer_range, rngs, dtype, param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config.hidden_size, config.vocab_size, False, config.initializer_range, rngs, dtype, param_dtype)
 
     @property
     def _backbone(self):
         return self.model
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            logits = flat_attend(self.model.embed_tokens, h.astype(self.dtype))
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return lm_logits(self.model.embed_tokens, self.lm_head, h, self.dtype)
 
 
 # --------------------------------------------------------------------------- HF weight mapping
