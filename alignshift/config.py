@@ -387,50 +387,6 @@ def _dump(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-# hyper-parameters (in base_kwargs / weighting_kwargs / penalty_kwargs) with a range: a value
-# outside it gives NaN or a silently meaningless objective, so it is refused up front
-_POSITIVE_HP = ("beta", "tau", "beta_prime", "lam", "temperature")
-_NONNEGATIVE_HP = ("rho", "label_smoothing", "ridge", "upper_bound", "desirable_weight", "undesirable_weight",
-                   "clamp", "clip", "warmup_examples")
-
-
-def _check_hparams(where: str, fn, kwargs: dict) -> None:
-    """Types (from the registered function's signature) and ranges of hyper-parameters."""
-    import inspect
-    import math
-
-    params = inspect.signature(fn).parameters
-    for k, v in kwargs.items():
-        key = f"{where}.{k}"
-        p = params.get(k)
-        if p is None:
-            continue  # unknown names are reported by make_objective
-        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
-        ann = "" if p.annotation is inspect.Parameter.empty else str(ann)
-        d = p.default
-        allowed = {t for t in ("float", "int", "bool", "str", "None") if t in ann}
-        if not allowed:  # no annotation: infer from the default
-            allowed = ({"bool"} if isinstance(d, bool) else {"float"} if isinstance(d, (int, float))
-                       else {"str"} if isinstance(d, str) else set())
-            if d is None:
-                allowed = set()
-        if not allowed:
-            continue
-        ok = ((v is None and "None" in allowed)
-              or (isinstance(v, bool) and "bool" in allowed)
-              or (isinstance(v, (int, float)) and not isinstance(v, bool) and allowed & {"int", "float"})
-              or (isinstance(v, str) and "str" in allowed))
-        if not ok:
-            raise ConfigError(f"config key {key!r} must be {' or '.join(sorted(allowed))}; got {v!r}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if not math.isfinite(v):
-                raise ConfigError(f"config key {key!r} must be finite; got {v!r}")
-            if k in _POSITIVE_HP and v <= 0:
-                raise ConfigError(f"config key {key!r} must be > 0; got {v!r}")
-            if k in _NONNEGATIVE_HP and v < 0:
-                raise ConfigError(f"config key {key!r} must be >= 0; got {v!r}")
-
-
 def _check_optim(prefix: str, o: OptimConfig) -> None:
     import math
 
@@ -450,8 +406,8 @@ def _check_optim(prefix: str, o: OptimConfig) -> None:
 def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozenset()) -> None:
     """Cross-field checks that the type system cannot express. ``explicit``: the dotted keys the
     user set (file or overrides), for checks that only apply to an explicit request."""
+    from alignshift.losses.hparams import HParamError
     from alignshift.losses.objective import BASE_LOSSES, make_objective
-    from alignshift.losses.penalties import PENALTIES
     from alignshift.losses.weighting import WEIGHTING_RULES
 
     names = [m.name for m in cfg.methods]
@@ -460,15 +416,13 @@ def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozense
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'methods' has duplicate names: {names}")
     for i, m in enumerate(cfg.methods):
-        try:
+        try:  # names, then hyper-parameter types and ranges (each loss / rule / penalty's HParam specs)
             make_objective(m.base, m.weighting, m.penalty, base_kwargs=m.base_kwargs,
                            weighting_kwargs=m.weighting_kwargs, penalty_kwargs=m.penalty_kwargs)
+        except HParamError as e:
+            raise ConfigError(f"config key {f'methods.{i}.{e.group}.{e.key}'!r} {e.problem}") from None
         except ValueError as e:
             raise ConfigError(f"config key 'methods.{i}' ({m.name}): {e}") from None
-        _check_hparams(f"methods.{i}.base_kwargs", BASE_LOSSES[m.base].fn, m.base_kwargs)
-        _check_hparams(f"methods.{i}.weighting_kwargs", WEIGHTING_RULES[m.weighting].fn, m.weighting_kwargs)
-        if m.penalty is not None:
-            _check_hparams(f"methods.{i}.penalty_kwargs", PENALTIES[m.penalty], m.penalty_kwargs)
         if m.example_weights not in ("", "true_density_ratio"):
             raise ConfigError(f"config key 'methods.{i}.example_weights' must be '' or 'true_density_ratio'; "
                               f"got {m.example_weights!r}")

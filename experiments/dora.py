@@ -39,7 +39,7 @@ from alignshift.data import encode_pairs, encode_prompts, make_scenario
 from alignshift.data.encode import encode_lists
 from alignshift.eval.report import aggregate_seeds, format_table, plot_training_curves, read_jsonl, write_json_atomic
 from alignshift.eval.shift_eval import implicit_rewards, sample_and_score, win_rate
-from alignshift.losses.weighting import dora_calibration
+from alignshift.losses.dora import dora_calibration
 from alignshift.rewards.source_classifier import (
     ClassifierConfig,
     SourceClassifier,

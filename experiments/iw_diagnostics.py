@@ -20,7 +20,7 @@ import numpy as np
 from alignshift.config import MethodConfig, load_config
 from alignshift.data import BatchIterator, encode_pairs, make_scenario
 from alignshift.losses import make_objective
-from alignshift.losses.weighting import WEIGHTING_RULES, normalize_weights
+from alignshift.losses.weighting import iw_weights, normalize_weights
 from alignshift.train.runner import build_policy, precompute_reference_logps, run_preference, run_sft
 from alignshift.train.steps import make_logits_fn, policy_inputs, split_model
 
@@ -62,8 +62,7 @@ def main():
                 b = it.batch_at(s)
                 tr = feats(params, {k: b[k] for k in keys})[kind]
                 va = feats(params, vit.batch_at(s))[kind]
-                w = np.asarray(normalize_weights(WEIGHTING_RULES[rule].fn(tr, val_features=va, gamma=gamma,
-                                                                          warmup_examples=0)))
+                w = np.asarray(normalize_weights(iw_weights(tr, val_features=va, gamma=gamma, warmup_examples=0)))
                 d = b["is_deploy"] > 0
                 wd.append(w[d].mean() if d.any() else np.nan)
                 wh.append(w[~d].mean())

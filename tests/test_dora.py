@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from alignshift.losses import BASE_LOSSES, make_objective
-from alignshift.losses.weighting import (
-    WEIGHTING_RULES,
-    dora_calibration,
-    dora_objective,
-    log_mean_exp,
-)
+from alignshift.losses.dora import dora_calibration, dora_objective
+from alignshift.losses.reduction import log_mean_exp, reduce_losses
+from alignshift.losses.weighting import WEIGHTING_RULES
 
 # ---------------------------------------------------------------- float64 NumPy references
 
@@ -140,7 +137,7 @@ def test_dora_reduce_over_a_named_axis_equals_global():
         L.reshape(4, 4), h.reshape(4, 4))
     np.testing.assert_allclose(np.asarray(split), glob, rtol=1e-6)
     aux = {"source_prob": jnp.stack([h / 4, h / 5], -1), "source_share": jnp.full((16, 2), 0.6)}
-    fn = WEIGHTING_RULES["dora"].fn
+    fn = lambda l, **hp: reduce_losses(WEIGHTING_RULES["dora"], l, **hp)[1]  # noqa: E731 - the logged weights
     w = fn(L, aux=aux, lam=0.7, alpha=0.3)
     ws = jax.vmap(lambda l, p, a: fn(l, aux={"source_prob": p, "source_share": a}, lam=0.7, alpha=0.3,
                                      axis_name="dev"), axis_name="dev")(

@@ -11,11 +11,11 @@ import pytest
 from alignshift.losses import dpo_loss, make_objective
 from alignshift.losses.listwise import (
     lire_loss,
+    plackett_luce_loss,
     plackett_luce_terms,
     reverse_logcumsumexp,
     rrhf_loss,
 )
-from alignshift.losses.preference import plackett_luce_loss
 
 # ---------------------------------------------------------------- float64 NumPy references
 
@@ -288,3 +288,13 @@ def test_listwise_step_inputs_equal_per_candidate_logps_and_step_runs(tiny):
     state, m_in = step(state, batch, ref_params)  # reference forward inside the step
     assert float(m_in["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert math.isfinite(float(m_in["grad_norm"])) and float(m_in["grad_norm"]) > 0
+
+
+def test_preference_module_does_not_import_listwise():
+    """listwise.py imports preference.py (PreferenceTerms, pair_metrics); not the other way round."""
+    import inspect
+
+    import alignshift.losses.preference as preference
+
+    assert "listwise" not in inspect.getsource(preference).split('"""', 2)[2]
+    assert not hasattr(preference, "plackett_luce_loss")

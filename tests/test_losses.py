@@ -324,6 +324,100 @@ def test_objective_flags_and_errors():
         make_objective("dpo", base_kwargs={"betta": 0.1})
 
 
+def test_objective_requires_declares_its_inputs():
+    from alignshift.losses import BASE_LOSSES, REQUIREMENTS, WEIGHTING_RULES
+
+    for spec in [*BASE_LOSSES.values(), *WEIGHTING_RULES.values()]:
+        assert spec.requires <= set(REQUIREMENTS)
+    assert make_objective("dpo").requires == {"reference"}
+    assert make_objective("simpo").requires == set()
+    assert make_objective("kto", "kl_dro").requires == {"reference", "kl_completions"}
+    assert make_objective("pl", "dora").requires == {"reference", "lists", "source"}
+    assert make_objective("rrhf", "wpo").requires == {"lists", "wpo_terms"}
+    assert make_objective("lire", "iw_dpo_r").requires == {"lists", "val_batch"}
+    for base in BASE_LOSSES:  # the single-kind flags are views of ``requires``
+        for rule in WEIGHTING_RULES:
+            obj = make_objective(base, rule)
+            flags = {"reference": obj.needs_reference, "kl_completions": obj.needs_kl_completions,
+                     "wpo_terms": obj.needs_wpo, "val_batch": obj.needs_val, "source": obj.needs_source,
+                     "lists": obj.listwise}
+            assert {k for k, v in flags.items() if v} == obj.requires, (base, rule)
+
+
+def test_hparam_specs_match_the_implementing_functions():
+    """Every registered base loss / rule / penalty lists exactly its function's keyword
+    hyper-parameters, with the same defaults (the specs are what make_objective validates)."""
+    import functools
+    import inspect
+
+    from alignshift.losses import BASE_LOSSES, WEIGHTING_RULES
+    from alignshift.losses.penalties import PENALTIES, PENALTY_HPARAMS
+
+    not_hp = {"val_features", "aux", "data_weight", "axis_name"}
+
+    def kw_defaults(fn):
+        ps = inspect.signature(fn).parameters.values()
+        return {p.name: p.default for p in ps if p.kind is p.KEYWORD_ONLY and p.name not in not_hp}
+
+    def axis(fn):
+        return "axis_name" in inspect.signature(fn).parameters
+
+    for name, spec in BASE_LOSSES.items():
+        assert kw_defaults(spec.fn) == {h.name: h.default for h in spec.hparams}, name
+        assert axis(spec.fn) == spec.collectives, name
+    for name, rule in WEIGHTING_RULES.items():
+        fn = rule.objective
+        if isinstance(fn, functools.partial):  # a linear rule: its weights function holds the hyper-parameters
+            fn = fn.keywords["weights_fn"]
+        assert kw_defaults(fn) == {h.name: h.default for h in rule.hparams}, name
+        assert axis(fn) == rule.collectives, name
+    for name, fn in PENALTIES.items():
+        assert kw_defaults(fn) == {h.name: h.default for h in PENALTY_HPARAMS[name]}, name
+
+
+def test_make_objective_validates_hparam_values():
+    from alignshift.losses import HParamError, check_hparams
+
+    for kwargs, problem in [({"beta": 0}, "must be > 0; got 0"), ({"beta": "abc"}, "must be float; got 'abc'"),
+                            ({"beta": float("nan")}, "must be finite"), ({"label_smoothing": -0.1}, "must be >= 0")]:
+        with pytest.raises(HParamError, match=problem) as e:
+            make_objective("dpo", base_kwargs=kwargs)
+        assert e.value.group == "base_kwargs" and e.value.key == next(iter(kwargs))
+        assert str(e.value).startswith("base loss 'dpo': hyper-parameter")
+    with pytest.raises(HParamError, match="'tau' must be > 0") as e:
+        make_objective("dpo", "kl_dro", weighting_kwargs={"tau": -1.0})
+    assert e.value.group == "weighting_kwargs"
+    with pytest.raises(HParamError, match="must be None or float; got 'x'"):
+        make_objective("dpo", "kl_dro", weighting_kwargs={"clamp": "x"})
+    with pytest.raises(HParamError, match="'rho' must be >= 0") as e:
+        make_objective("dpo", penalty="wdpo", penalty_kwargs={"rho": -1.0})
+    assert e.value.group == "penalty_kwargs"
+    # numbers are interchangeable between int and float; NumPy scalars and traced values pass
+    make_objective("dpo", "iw_dpo_l", base_kwargs={"beta": 1}, weighting_kwargs={"iters": 10.0, "gamma": "median"})
+    make_objective("dpo", base_kwargs={"beta": np.float32(0.2)})
+    jax.jit(lambda b: check_hparams("base", "dpo", {"beta": b}) or b)(0.1)
+    # unknown names are reported before values, with the allowed names
+    with pytest.raises(ValueError, match=r"weighting 'kl_dro' got unknown hyper-parameter\(s\) \['x'\]; "
+                                         r"allowed: \['tau', 'clamp', 'normalize', 'axis_name'\]"):
+        make_objective("dpo", "kl_dro", base_kwargs={"beta": 0}, weighting_kwargs={"x": 1})
+
+
+@pytest.mark.parametrize("rule, kw", [("uniform", {}), ("kl_dro", {"tau": 0.3}), ("dr_dpo", {"beta_prime": 0.5}),
+                                      ("dro", {"lam": 0.4}), ("wpo", {})])
+def test_logged_weights_are_the_objective_gradient(rng, rule, kw):
+    """weights/* are of w = n·∂objective/∂ℓ: the objective's gradient is mean_i w_i·∇ℓ_i."""
+    from alignshift.losses import WEIGHTING_RULES, reduce_losses
+
+    L = jnp.asarray(rng.normal(0.7, 0.3, size=8), jnp.float32)
+    aux = {"policy_chosen_wpo": jnp.asarray(rng.normal(-1, 0.3, 8), jnp.float32),
+           "policy_rejected_wpo": jnp.asarray(rng.normal(-1, 0.3, 8), jnp.float32)}
+    rule = WEIGHTING_RULES[rule]
+    value, w = reduce_losses(rule, L, aux=aux, **kw)
+    assert float(value) == float(rule.objective(L, jax.lax.stop_gradient(L), aux=aux, **kw))
+    g = jax.grad(lambda x: reduce_losses(rule, x, aux=aux, **kw)[0])(L)
+    np.testing.assert_allclose(np.asarray(w), 8 * np.asarray(g), rtol=1e-6)
+
+
 # ---------------------------------------------------------------- WPO
 
 
@@ -445,10 +539,11 @@ def test_dr_dpo_value_grad_and_weights(rng):
                                       ("dr_dpo", dict(beta_prime=0.5))])
 def test_batch_rules_with_axis_name_equal_global(rng, rule, kw):
     """Split the batch over a named axis: collectives make the weights equal the global ones."""
+    from alignshift.losses.reduction import reduce_losses
     from alignshift.losses.weighting import WEIGHTING_RULES
 
     L = jnp.asarray(rng.normal(0.7, 0.3, size=16), jnp.float32)
-    fn = WEIGHTING_RULES[rule].fn
+    fn = lambda x, **hp: reduce_losses(WEIGHTING_RULES[rule], x, **hp)[1]  # noqa: E731 - the logged weights
     w_global = fn(L, **kw)
     w_split = jax.vmap(lambda x: fn(x, axis_name="dev", **kw), axis_name="dev")(L.reshape(4, 4))
     np.testing.assert_allclose(np.asarray(w_split).reshape(-1), np.asarray(w_global), rtol=1e-6)

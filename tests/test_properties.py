@@ -10,7 +10,6 @@ file stays fast; ``max_examples`` is small.
 
 from __future__ import annotations
 
-import inspect
 from functools import lru_cache
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignshift.losses.objective import BASE_LOSSES, make_objective
+from alignshift.losses.objective import BASE_LOSSES, hparam_specs, make_objective
 from alignshift.losses.weighting import WEIGHTING_RULES
 
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
@@ -43,10 +42,9 @@ LIMITS = {
 }
 
 
-def _variants(fn, skip=()) -> list[dict]:
-    """One variant per limit of each hyper-parameter the function has (the defaults lie between
+def _variants(params, skip=()) -> list[dict]:
+    """One variant per limit of each hyper-parameter in ``params`` (the defaults lie between
     the limits, so they are not evaluated again); ``[{}]`` when it has none."""
-    params = inspect.signature(fn).parameters
     out = []
     for name, vals in LIMITS.items():
         if name in params and name not in skip:
@@ -79,16 +77,16 @@ DRAW = st.fixed_dictionaries({
 
 def _base_cases():
     return [(b, "uniform", hp, "base") for b in sorted(BASE_LOSSES)
-            for hp in _variants(BASE_LOSSES[b].fn, skip=("gamma",) if b in ("dpo", "cdpo", "robust")
+            for hp in _variants(hparam_specs("base", b), skip=("gamma",) if b in ("dpo", "cdpo", "robust")
                                 else ("gamma", "label_smoothing"))]
 
 
 def _rule_cases():
     out = []
     for w in sorted(WEIGHTING_RULES):
-        fn = WEIGHTING_RULES[w].fn
-        extra = {"iters": 50} if "iters" in inspect.signature(fn).parameters else {}  # KMM: fewer FISTA steps
-        out += [("dpo", w, {**extra, **hp}, "weighting") for hp in _variants(fn)]
+        params = hparam_specs("weighting", w)
+        extra = {"iters": 50} if "iters" in params else {}  # KMM: fewer FISTA steps
+        out += [("dpo", w, {**extra, **hp}, "weighting") for hp in _variants(params)]
     return out
 
 

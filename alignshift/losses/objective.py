@@ -1,6 +1,10 @@
 """``make_objective``: a base preference loss combined by a batch weighting rule.
 
-    objective(batch) = mean_i w_i · ℓ_base,i   (w detached, mean(w) = 1)   [+ penalty]
+    objective(batch) = rule(ℓ_base,1..B)   [+ penalty]
+
+where the weighting rule (:mod:`alignshift.losses.weighting`) returns one scalar: a linear
+``mean_i w_i·ℓ_i`` with detached weights, or a log-mean-exp (DR-DPO, DoRA); its effective
+per-example weights ``n·∂objective/∂ℓ`` are logged as ``weights/{min,max,ess}``.
 
 The penalty (WDPO's gradient-norm term, :mod:`alignshift.losses.penalties`) needs the
 model's input embeddings, so the train step computes it (``alignshift.train.steps``); the
@@ -39,6 +43,12 @@ Listwise bases read ``[B, K]`` inputs ``policy_logps``, ``reference_logps``, ``n
 K = 2 ranked ``(chosen, rejected)`` (scores ``(1, 0)``), so a listwise objective also scores
 held-out pairs. Weighting rules with ``needs_source`` (DoRA) also read ``source_prob`` /
 ``source_share`` (``[B, K]``) from the inputs.
+
+What inputs an objective needs is declared by :attr:`Objective.requires`, a set of the kinds
+in :data:`REQUIREMENTS` (the union of its base loss's and its weighting rule's). Each base
+loss, rule and penalty declares its hyper-parameters (:class:`~alignshift.losses.hparams.HParam`:
+name, default, types, range) next to its registration; :func:`check_hparams` validates
+kwargs against them and :func:`make_objective` calls it.
 """
 
 from __future__ import annotations
@@ -49,13 +59,26 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from alignshift.losses.hparams import NONNEGATIVE, POSITIVE, HParam, HParamError
 from alignshift.losses.listwise import lire_terms, plackett_luce_terms, rank_by_scores, rrhf_terms
 from alignshift.losses.logps import mean_logps
 from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
-from alignshift.losses.penalties import GRADIENT_MODES, PENALTIES, PENALTY_KINDS, check_penalty_pairs
-from alignshift.losses.weighting import WEIGHTING_RULES, normalize_weights, weight_stats
+from alignshift.losses.penalties import GRADIENT_MODES, PENALTIES, PENALTY_HPARAMS, PENALTY_KINDS, check_penalty_pairs
+from alignshift.losses.reduction import reduce_losses, weight_stats
+from alignshift.losses.weighting import WEIGHTING_RULES
 
-__all__ = ["BASE_LOSSES", "Objective", "make_objective"]
+__all__ = ["BASE_LOSSES", "REQUIREMENTS", "BaseLossSpec", "Objective", "check_hparams", "hparam_specs",
+           "make_objective"]
+
+REQUIREMENTS: dict[str, str] = {
+    "reference": "reference log-probs of every sequence group (reference_*_logps)",
+    "kl_completions": "KTO's mismatched kl_* completions (policy_kl_logps / reference_kl_logps)",
+    "wpo_terms": "WPO's per-sequence log-weight terms (policy_chosen_wpo / policy_rejected_wpo)",
+    "val_batch": "a deployment/validation batch whose features the weighting rule reads (val_inputs)",
+    "source": "DoRA's per-response classifier outputs source_prob / source_share ([B, K])",
+    "lists": "a listwise base loss: accepts the cand_* [B, K, T] layout (policy_logps [B, K], ...)",
+}
+"""The kinds of inputs an :class:`Objective` may require (:attr:`Objective.requires`)."""
 
 
 def _dpo_like(loss_type: str, default_smoothing: float = 0.0):
@@ -152,34 +175,100 @@ def _pair_logps(inputs):
 
 @dataclasses.dataclass(frozen=True)
 class BaseLossSpec:
+    """A registered base loss: ``fn(inputs, **hp) -> (PreferenceTerms, extra metrics)``, its
+    hyper-parameters, the inputs it ``requires`` (kinds of :data:`REQUIREMENTS`: ``"reference"``,
+    ``"kl_completions"``, ``"lists"``) and whether it reduces over the batch with collectives
+    (takes ``axis_name``)."""
+
     fn: Callable[..., tuple[PreferenceTerms, dict]]
-    needs_reference: bool = True
-    needs_kl_completions: bool = False
-    listwise: bool = False  # reads [B, K] candidate lists (train steps use the cand_* layout)
+    hparams: tuple[HParam, ...] = ()
+    requires: frozenset[str] = frozenset({"reference"})
+    collectives: bool = False
+
+    @property
+    def needs_reference(self) -> bool:
+        return "reference" in self.requires
+
+    @property
+    def needs_kl_completions(self) -> bool:
+        return "kl_completions" in self.requires
+
+    @property
+    def listwise(self) -> bool:  # reads [B, K] candidate lists (train steps use the cand_* layout)
+        return "lists" in self.requires
+
+
+_BETA = HParam("beta", 0.1, ("float",), POSITIVE)
+
+
+def _smoothing(default: float) -> HParam:
+    return HParam("label_smoothing", default, ("float",), NONNEGATIVE)
 
 
 BASE_LOSSES: dict[str, BaseLossSpec] = {
-    "dpo": BaseLossSpec(_dpo_like("sigmoid")),
-    "cdpo": BaseLossSpec(_dpo_like("sigmoid", 0.1)),
-    "robust": BaseLossSpec(_dpo_like("robust", 0.1)),
-    "ipo": BaseLossSpec(_ipo),
-    "hinge": BaseLossSpec(_dpo_like("hinge")),
-    "simpo": BaseLossSpec(_simpo, needs_reference=False),
-    "kto": BaseLossSpec(_kto, needs_kl_completions=True),
-    "pl": BaseLossSpec(_pl, listwise=True),
-    "rrhf": BaseLossSpec(_rrhf, needs_reference=False, listwise=True),
-    "lire": BaseLossSpec(_lire, needs_reference=False, listwise=True),
+    "dpo": BaseLossSpec(_dpo_like("sigmoid"), (_BETA, _smoothing(0.0))),
+    "cdpo": BaseLossSpec(_dpo_like("sigmoid", 0.1), (_BETA, _smoothing(0.1))),
+    "robust": BaseLossSpec(_dpo_like("robust", 0.1), (_BETA, _smoothing(0.1))),
+    "ipo": BaseLossSpec(_ipo, (_BETA, HParam("length_normalize", True, ("bool",)))),
+    "hinge": BaseLossSpec(_dpo_like("hinge"), (_BETA, _smoothing(0.0))),
+    "simpo": BaseLossSpec(_simpo, (
+        HParam("beta", 2.0, ("float",), POSITIVE),
+        HParam("gamma", None, ("None", "float")),
+        HParam("gamma_beta_ratio", 0.55, ("float",)),
+        _smoothing(0.0),
+    ), requires=frozenset()),
+    "kto": BaseLossSpec(_kto, (
+        _BETA,
+        HParam("desirable_weight", 1.0, ("float",), NONNEGATIVE),
+        HParam("undesirable_weight", 1.0, ("float",), NONNEGATIVE),
+    ), requires=frozenset({"reference", "kl_completions"}), collectives=True),
+    "pl": BaseLossSpec(_pl, (_BETA, HParam("reduction", "mean", ("str",))),
+                       requires=frozenset({"reference", "lists"})),
+    "rrhf": BaseLossSpec(_rrhf, (
+        HParam("sft_weight", 1.0, ("float",)),
+        HParam("sft_candidate", "best", ("int", "str")),
+        HParam("sft_length", None, ("None", "int")),
+    ), requires=frozenset({"lists"})),
+    "lire": BaseLossSpec(_lire, (HParam("temperature", 2.0, ("float",), POSITIVE),), requires=frozenset({"lists"})),
 }
 
+_AXIS_NAME = HParam("axis_name", None, ("None", "str"))  # accepted where a spec reduces with collectives
+_KINDS = {"base": ("base loss", "base_kwargs"), "weighting": ("weighting", "weighting_kwargs"),
+          "penalty": ("penalty", "penalty_kwargs")}
 
-def _check_kwargs(kind: str, name: str, fn: Callable, kwargs: dict) -> None:
-    import inspect
 
-    params = inspect.signature(fn).parameters
-    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    bad = sorted(set(kwargs) - set(allowed))
-    if bad:
-        raise ValueError(f"{kind} {name!r} got unknown hyper-parameter(s) {bad}; allowed: {allowed}")
+def hparam_specs(kind: str, name: str) -> dict[str, HParam]:
+    """The hyper-parameters ``{name: HParam}`` that ``kind`` (``"base"``, ``"weighting"`` or
+    ``"penalty"``) ``name`` accepts (``axis_name`` too where it reduces with collectives)."""
+    if kind == "base":
+        spec = BASE_LOSSES[name]
+        hps, collectives = spec.hparams, spec.collectives
+    elif kind == "weighting":
+        rule = WEIGHTING_RULES[name]
+        hps, collectives = rule.hparams, rule.collectives
+    elif kind == "penalty":
+        hps, collectives = PENALTY_HPARAMS[name], False
+    else:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(_KINDS)}")
+    return {h.name: h for h in (*hps, *((_AXIS_NAME,) if collectives else ()))}
+
+
+def check_hparams(kind: str, name: str, kwargs: dict, *, names: bool = True, values: bool = True) -> None:
+    """Validate ``kwargs`` for the registered ``kind`` ``name`` against its :class:`HParam` specs:
+    unknown names raise ``ValueError`` (``names``); a value of the wrong type, non-finite or
+    out of range raises :class:`HParamError` (``values``; its ``group``/``key``/``problem``
+    let the config loader name the config key)."""
+    label, group = _KINDS[kind]
+    specs = hparam_specs(kind, name)
+    if names:
+        bad = sorted(set(kwargs) - set(specs))
+        if bad:
+            raise ValueError(f"{label} {name!r} got unknown hyper-parameter(s) {bad}; allowed: {list(specs)}")
+    if values:
+        for k, v in kwargs.items():
+            problem = specs[k].problem(v) if k in specs else None
+            if problem is not None:
+                raise HParamError(f"{label} {name!r}", group, k, problem)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, so jax.jit can cache it
@@ -194,28 +283,39 @@ class Objective:
     penalty_kwargs: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def requires(self) -> frozenset[str]:
+        """The inputs this objective needs, as kinds of :data:`REQUIREMENTS`: ``"reference"``
+        (reference log-probs of every sequence group), ``"kl_completions"`` (KTO's mismatched
+        ``kl_*`` completions), ``"wpo_terms"`` (WPO's per-sequence log-weight terms),
+        ``"val_batch"`` (a deployment/validation batch whose features the rule reads),
+        ``"source"`` (DoRA's per-response classifier outputs ``source_prob``/``source_share``),
+        ``"lists"`` (a listwise base: accepts the ``cand_*`` ``[B, K, T]`` layout)."""
+        return BASE_LOSSES[self.base].requires | WEIGHTING_RULES[self.weighting].requires
+
+    # single-kind views of ``requires`` (kept for existing callers)
+    @property
     def needs_reference(self) -> bool:
-        return BASE_LOSSES[self.base].needs_reference
+        return "reference" in self.requires
 
     @property
     def needs_kl_completions(self) -> bool:
-        return BASE_LOSSES[self.base].needs_kl_completions
+        return "kl_completions" in self.requires
 
     @property
     def listwise(self) -> bool:
-        return BASE_LOSSES[self.base].listwise
+        return "lists" in self.requires
 
     @property
     def needs_source(self) -> bool:
-        return WEIGHTING_RULES[self.weighting].needs_source
+        return "source" in self.requires
 
     @property
     def needs_val(self) -> bool:
-        return WEIGHTING_RULES[self.weighting].needs_val
+        return "val_batch" in self.requires
 
     @property
     def needs_wpo(self) -> bool:
-        return WEIGHTING_RULES[self.weighting].needs_wpo
+        return "wpo_terms" in self.requires
 
     def terms(self, inputs: dict) -> tuple[PreferenceTerms, dict]:
         return BASE_LOSSES[self.base].fn(inputs, **self.base_kwargs)
@@ -229,19 +329,9 @@ class Objective:
         feats = _features(terms, rule.features)
         val_feats = _features(val_terms, rule.features) if val_terms is not None else None
         data_w = jax.lax.stop_gradient(inputs["weight"].astype(jnp.float32)) if "weight" in inputs else None
-        if rule.reduce is not None:  # log-mean-exp style: the objective is the reduction itself
-            losses = terms.losses if data_w is None else data_w * terms.losses
-            if rule.reduce_needs_aux:
-                loss = rule.reduce(losses, aux=inputs, **self.weighting_kwargs)
-            else:
-                loss = rule.reduce(losses, **self.weighting_kwargs)
-            w = jax.lax.stop_gradient(rule.fn(losses, val_features=val_feats, aux=inputs, **self.weighting_kwargs))
-        else:
-            w = rule.fn(feats, val_features=val_feats, aux=inputs, **self.weighting_kwargs)
-            w = normalize_weights(w) if rule.normalize else jax.lax.stop_gradient(w)
-            if data_w is not None:  # per-example data weights, combined multiplicatively
-                w = w * data_w
-            loss = jnp.mean(w * terms.losses)
+        # the rule's objective, and its effective per-example weights n·∂objective/∂ℓ for logging
+        loss, w = reduce_losses(rule, terms.losses, features=feats, val_features=val_feats, aux=inputs,
+                                data_weight=data_w, **self.weighting_kwargs)
         metrics = {"loss": loss, **pair_metrics(terms, *_pair_logps(inputs))}
         metrics.update(extra)
         metrics.update(weight_stats(w))
@@ -263,7 +353,9 @@ def make_objective(
     weighting_kwargs: dict | None = None,
     penalty_kwargs: dict | None = None,
 ) -> Objective:
-    """Build ``objective = reduce_weighting(ℓ_base)``; unknown names or hyper-parameters raise."""
+    """Build ``objective = reduce_weighting(ℓ_base)``. Unknown names or hyper-parameters raise
+    ``ValueError``; hyper-parameter values of the wrong type or out of range raise
+    :class:`~alignshift.losses.hparams.HParamError` (a ``ValueError``; see :func:`check_hparams`)."""
     if base not in BASE_LOSSES:
         raise ValueError(f"unknown base loss {base!r}; choose one of {sorted(BASE_LOSSES)}")
     if weighting not in WEIGHTING_RULES:
@@ -273,10 +365,12 @@ def make_objective(
     base_kwargs = dict(base_kwargs or {})
     weighting_kwargs = dict(weighting_kwargs or {})
     penalty_kwargs = dict(penalty_kwargs or {})
-    _check_kwargs("base loss", base, BASE_LOSSES[base].fn, base_kwargs)
-    _check_kwargs("weighting", weighting, WEIGHTING_RULES[weighting].fn, weighting_kwargs)
+    groups = [("base", base, base_kwargs), ("weighting", weighting, weighting_kwargs)]
     if penalty is not None:
-        _check_kwargs("penalty", penalty, PENALTIES[penalty], penalty_kwargs)
+        groups.append(("penalty", penalty, penalty_kwargs))
+    for kind, name, kwargs in groups:  # unknown names first
+        check_hparams(kind, name, kwargs, values=False)
+    if penalty is not None:
         if penalty_kwargs.get("penalty", "squared_mean") not in PENALTY_KINDS:
             raise ValueError(f"penalty {penalty!r}: penalty_kwargs penalty= must be one of {PENALTY_KINDS}")
         if penalty_kwargs.get("gradient", "exact") not in GRADIENT_MODES:
@@ -285,4 +379,6 @@ def make_objective(
         check_penalty_pairs(penalty_kwargs.get("pairs", 0), penalty_kwargs.get("gradient", "exact"))
     elif penalty_kwargs:
         raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
+    for kind, name, kwargs in groups:  # then each value's type and range (HParamError)
+        check_hparams(kind, name, kwargs, names=False)
     return Objective(base, weighting, base_kwargs, weighting_kwargs, penalty, penalty_kwargs)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PENALTIES", "GRADIENT_MODES", "wdpo_pair_penalties", "wdpo_penalty"]
+from alignshift.losses.hparams import NONNEGATIVE, HParam
+
+__all__ = ["PENALTIES", "PENALTY_HPARAMS", "GRADIENT_MODES", "wdpo_pair_penalties", "wdpo_penalty"]
 
 PENALTY_KINDS = ("squared_mean", "sqrt_mean")
 
@@ -76,3 +78,16 @@ def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, pen
 
 
 PENALTIES = {"wdpo": wdpo_penalty}
+
+# each penalty's hyper-parameters (penalty_kwargs), validated by alignshift.losses.objective.check_hparams;
+# ``penalty`` / ``gradient`` / ``pairs`` are further checked by make_objective (PENALTY_KINDS,
+# GRADIENT_MODES, check_penalty_pairs), ``fd_eps > 0`` by wdpo_penalty
+PENALTY_HPARAMS = {
+    "wdpo": (
+        HParam("rho", 0.01, ("float",), NONNEGATIVE),
+        HParam("penalty", "squared_mean", ("str",)),
+        HParam("gradient", "exact", ("str",)),
+        HParam("fd_eps", 1e-4, ("float",)),
+        HParam("pairs", 0, ("int",)),
+    ),
+}

@@ -27,7 +27,6 @@ __all__ = [
     "kto_terms",
     "kto_loss",
     "pair_metrics",
-    "plackett_luce_loss",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -282,13 +281,3 @@ def kto_loss(
     metrics["kl"] = z0
     return terms.losses, metrics
 
-
-def __getattr__(name):
-    # Listwise Plackett–Luce DPO lives in :mod:`alignshift.losses.listwise` (with RRHF and LIRE);
-    # re-exported here so ``alignshift.losses.preference.plackett_luce_loss`` is the public entry.
-    # Resolved lazily (PEP 562): listwise.py imports PreferenceTerms / pair_metrics from here.
-    if name == "plackett_luce_loss":
-        from alignshift.losses.listwise import plackett_luce_loss
-
-        return plackett_luce_loss
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -146,27 +146,22 @@ def shard_for_pmap(batch: dict | None, n_devices: int | None = None) -> dict | N
 # --------------------------------------------------------------------------- objective
 
 
-def _accepts_axis_name(fn: Callable | None) -> bool:
-    return fn is not None and "axis_name" in inspect.signature(fn).parameters
-
-
 def pmap_objective(objective: Objective, axis_name: str) -> tuple[Objective, bool]:
     """``(per_device_objective, gather)``.
 
     ``per_device_objective`` is ``objective`` with ``axis_name`` injected where the base loss
-    (``kto``) or the weighting rule (function and, if any, its ``reduce``) accepts it, so its
-    batch reductions are global when run on one device's shard inside ``pmap``. ``gather`` is
-    True when the rule reduces over the batch without an ``axis_name`` (anything but
-    ``uniform`` that does not take one, e.g. ``iw_dpo_l``/``iw_dpo_r``, ``wpo``): the step
-    then evaluates the objective on the all-gathered per-example inputs instead.
+    (``kto``) or the weighting rule declares ``collectives`` (it reduces over the batch with
+    collectives: ``kl_dro``, ``dr_dpo``, ``dora``, ``dro``), so its batch reductions are global
+    when run on one device's shard inside ``pmap``. ``gather`` is True when the rule has no
+    collectives and is not ``uniform`` (``iw_dpo_l``/``iw_dpo_r``, ``wpo``, ``dora_reweight``): the
+    step then evaluates the objective on the all-gathered per-example inputs instead.
     """
     base_kwargs = dict(objective.base_kwargs)
     weighting_kwargs = dict(objective.weighting_kwargs)
-    if _accepts_axis_name(BASE_LOSSES[objective.base].fn):
+    if BASE_LOSSES[objective.base].collectives:
         base_kwargs["axis_name"] = axis_name
-    rule = WEIGHTING_RULES[objective.weighting]
     gather = False
-    if _accepts_axis_name(rule.fn) and (rule.reduce is None or _accepts_axis_name(rule.reduce)):
+    if WEIGHTING_RULES[objective.weighting].collectives:
         weighting_kwargs["axis_name"] = axis_name
     elif objective.weighting != "uniform":
         gather = True

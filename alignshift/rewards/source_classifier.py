@@ -19,7 +19,7 @@ Pipeline (:class:`SourceClassifier`):
    Brier score, NLL, base rate and the reliability-diagram bins; the plot is saved
    atomically (:func:`plot_reliability`).
 4. **p per response** (:meth:`SourceClassifier.predict`), the input of
-   :func:`alignshift.losses.weighting.dora_calibration`: the prior-corrected probability whose
+   :func:`alignshift.losses.dora.dora_calibration`: the prior-corrected probability whose
    odds estimate the density ratio, ``p/(1−p) = Q₀/Q_s`` (the paper's class-imbalance factor
    γ: ``logit p = logit c − log(n_target/n_source)`` of the classifier's training set), and
    ``a`` = the matching source share, so that
@@ -297,7 +297,7 @@ class SourceClassifier:
     response ``i`` (``target`` names the target distribution) and ``mixture`` the training
     shares ``{source: share}`` (α = ``mixture[target]``). A random ``holdout`` fraction is kept
     out of training for ``reports`` (one per classifier). ``predict(features)`` returns
-    ``(p, a)`` per response for :func:`alignshift.losses.weighting.dora_calibration`.
+    ``(p, a)`` per response for :func:`alignshift.losses.dora.dora_calibration`.
     """
 
     def __init__(self, *, mode: str = "pooled", target: str = "target", holdout: float = 0.2,
