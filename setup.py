@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Aligning language models with human preferences under distribution shift (JAX/Flax).",
     packages=find_packages(include=["alignshift", "alignshift.*"]),
-    package_data={"alignshift": ["py.typed"]},
+    package_data={"alignshift": ["py.typed", "data/followups.json"]},
     python_requires=">=3.11",
     install_requires=_reqs("requirements.txt"),
     extras_require={

@@ -34,7 +34,8 @@ from alignshift.losses import make_objective
 from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
 from alignshift.models.lora import LoRAConfig, apply_lora, reference_params, split_lora
 from alignshift.train.optim import make_optimizer
-from alignshift.train.steps import init_state, make_preference_step, split_model
+from alignshift.forward import split_model
+from alignshift.train.steps import init_state, make_preference_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("full+ref", "precomputed", "lora")

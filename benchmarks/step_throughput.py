@@ -48,13 +48,8 @@ from alignshift.parallel import (
     state_shardings,
 )
 from alignshift.train.optim import make_optimizer
-from alignshift.train.steps import (
-    batch_sequence_logps,
-    init_state,
-    make_logits_fn,
-    make_preference_step,
-    split_model,
-)
+from alignshift.forward import batch_sequence_logps, make_logits_fn, split_model
+from alignshift.train.steps import init_state, make_preference_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -129,7 +129,7 @@ def test_length_buckets_trim_only_padding():
     import jax
 
     from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
-    from alignshift.train.steps import batch_sequence_logps, make_logits_fn, split_model
+    from alignshift.forward import batch_sequence_logps, make_logits_fn, split_model
     from flax import nnx
 
     tok = _tok()

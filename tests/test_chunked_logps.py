@@ -11,7 +11,8 @@ from flax import nnx
 from alignshift.losses import make_objective
 from alignshift.losses.logps import chunked_sequence_logps, sequence_logps, sequence_logps_wpo
 from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
-from alignshift.train.steps import init_state, make_preference_step, split_model
+from alignshift.forward import split_model
+from alignshift.train.steps import init_state, make_preference_step
 
 
 def _inputs(B=3, T=11, d=8, V=37, seed=0):
@@ -118,7 +119,7 @@ def _ragged_rows(rs, B=5, T=14):
 def test_response_window_equals_full_values_and_grads(chunk, with_wpo):
     """Logits on the response window only (train.logits_on_responses): same log-probs, token
     counts, WPO terms and parameter gradients as the full [B, T, V] path."""
-    from alignshift.train.steps import make_logits_fn
+    from alignshift.forward import make_logits_fn
 
     graphdef, params, rest = _tiny_llama()
     ids, am, lm = _ragged_rows(np.random.RandomState(3))
@@ -141,7 +142,7 @@ def test_response_window_equals_full_values_and_grads(chunk, with_wpo):
 
 
 def test_response_window_too_short_is_nan_not_truncated():
-    from alignshift.train.steps import make_logits_fn
+    from alignshift.forward import make_logits_fn
 
     graphdef, params, rest = _tiny_llama()
     ids, am, lm = _ragged_rows(np.random.RandomState(3))

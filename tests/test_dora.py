@@ -295,7 +295,7 @@ def test_reference_features_are_masked_mean_of_hidden_states():
 
     from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
     from alignshift.rewards.source_classifier import reference_features
-    from alignshift.train.steps import split_model
+    from alignshift.forward import split_model
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))

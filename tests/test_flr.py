@@ -45,7 +45,9 @@ def test_followups_exact_characters():
     assert FOLLOWUPS["informativeness"]["negative"][3] == FOLLOWUPS["informativeness"]["negative"][6]
     assert FOLLOWUPS["relevance"]["negative"][0] == "That\u2019s not really relevant here."
     assert FOLLOWUPS["following"]["negative"][-1] == "You didn't stick to my instructions."
-    with open(os.path.join(os.path.dirname(flr.__file__), "followups.json"), encoding="utf-8") as f:
+    import alignshift.data
+
+    with open(os.path.join(os.path.dirname(alignshift.data.__file__), "followups.json"), encoding="utf-8") as f:
         raw = json.load(f)
     assert sum(s.count("\u2019") for d in FOLLOWUPS for k in ("positive", "negative") for s in raw[d][k]) == 19
     pos, neg = flr.followups_for("all")

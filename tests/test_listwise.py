@@ -214,7 +214,7 @@ def test_listwise_objectives_on_list_inputs(lists):
 def tiny():
     from alignshift.data import make_scenario
     from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
-    from alignshift.train.steps import make_logits_fn, split_model
+    from alignshift.forward import make_logits_fn, split_model
     from flax import nnx
 
     data = make_scenario("deploy_shift", seed=0, n_train=8, n_test=4, n_sft=4)
@@ -256,8 +256,8 @@ def test_listwise_step_inputs_equal_per_candidate_logps_and_step_runs(tiny):
     import optax
 
     from alignshift.data.encode import encode_lists
-    from alignshift.train.steps import attach_reference, batch_sequence_logps, init_state, make_preference_step, \
-        policy_inputs
+    from alignshift.forward import attach_reference, batch_sequence_logps, policy_inputs
+    from alignshift.train.steps import init_state, make_preference_step
 
     tok, graphdef, params, rest, logits_fn, prompts, cands, scores = tiny
     enc = encode_lists(tok, prompts, cands, scores, max_prompt_len=8, max_completion_len=10)

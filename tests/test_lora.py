@@ -26,7 +26,8 @@ from alignshift.models.lora import (
     save_peft_adapter,
     split_lora,
 )
-from alignshift.train.steps import init_state, make_logits_fn, make_preference_step
+from alignshift.forward import make_logits_fn
+from alignshift.train.steps import init_state, make_preference_step
 
 V = 61
 CFG = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -55,9 +55,10 @@ def _worker(out_path: str) -> None:
     from alignshift.config import load_config
     from alignshift.data import encode_pairs, make_scenario
     from alignshift.losses import make_objective
-    from alignshift.parallel.pmap import make_pmap_preference_step, replicate, shard_for_pmap, unreplicate
-    from alignshift.train.runner import build_policy, precompute_reference_logps
-    from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, policy_inputs, split_model
+    from alignshift.train.pmap import make_pmap_preference_step, replicate, shard_for_pmap, unreplicate
+    from alignshift.train.phases import build_policy, precompute_reference_logps
+    from alignshift.forward import make_logits_fn, policy_inputs, split_model
+    from alignshift.train.steps import init_state, make_preference_step
 
     t0 = time.time()
     report: dict = {"n_devices": jax.device_count(), "checks": {}, "values": {}, "seconds": {}}
@@ -244,7 +245,7 @@ def test_non_divisible_batch_error_is_clear(report):
 def test_shard_for_pmap_in_process():
     import numpy as np
 
-    from alignshift.parallel.pmap import shard_for_pmap
+    from alignshift.train.pmap import shard_for_pmap
 
     b = {"x": np.arange(24).reshape(12, 2), "w": np.arange(12.0)}
     s = shard_for_pmap(b, 4)

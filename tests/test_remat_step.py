@@ -13,7 +13,8 @@ from flax import nnx
 from alignshift.losses import make_objective
 from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
 from alignshift.models.lora import LoRAConfig, apply_lora, reference_params, split_lora
-from alignshift.train.steps import init_state, make_preference_step, split_model
+from alignshift.forward import split_model
+from alignshift.train.steps import init_state, make_preference_step
 
 CFG = LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, initializer_range=0.2)

@@ -9,7 +9,9 @@ from flax import nnx
 
 from alignshift.losses import make_objective
 from alignshift.models import LlamaConfig, LlamaForCausalLM
-from alignshift.train.steps import init_state, make_preference_step, split_model, wdpo_inputs_and_penalty
+from alignshift.forward import split_model
+from alignshift.train.steps import init_state, make_preference_step
+from alignshift.train.wdpo import wdpo_inputs_and_penalty
 
 V, T, B = 23, 7, 4
 
@@ -189,7 +191,7 @@ def test_subsampled_penalty_gradient_is_unbiased(tiny, mode):
     scaled by n/m. Loss and penalty values stay exact; over many steps (different draws) the
     mean gradient equals the exact all-pairs gradient within its standard error, while single
     draws differ from it (the test can see a biased or unscaled estimate)."""
-    from alignshift.train.steps import wdpo_first_order_grads
+    from alignshift.train.wdpo import wdpo_first_order_grads
 
     g, params, rest, batch = tiny
     kw = {"rho": 0.5, "penalty": "squared_mean", "gradient": mode}

@@ -1,78 +1,8 @@
 """ShiftBench scenario ``followup`` (FLR): a corpus whose user follow-up turns track hidden
 response quality, so a follow-up likelihood can recover preferences without labels.
 
-It mirrors the premise of "Aligning Language Models Using Follow-up Likelihood as Reward
-Signal" (Zhang et al., AAAI 2025): in natural conversations users react to good answers with
-positive follow-ups ("That makes perfect sense!") and to bad ones with negative follow-ups
-("That makes no sense!"); an LM pre-trained on such conversations therefore carries a reward
-signal in ``p(follow-up | prompt, response)``. Here the conversations are generated from a
-known process, so the reward it implies can be checked against the ground truth exactly.
-
-Everything is generated offline from a seed (pure numpy/python), like :mod:`.shiftbench`.
-
-Vocabulary
-----------
-The :mod:`.shiftbench` words without the harmful ones (``user: assistant:``, the request
-words, 8 topic names, 8 x 6 topic content words, 16 filler words), followed by every
-whitespace-separated word of the FLR follow-up utterances of the corpus's
-``followup_dimensions`` (:data:`alignshift.rewards.flr.FOLLOWUPS`, exact characters,
-punctuation attached, e.g. ``sense!`` or ``You’re``), de-duplicated in order of first
-appearance. Only those dimensions' words: a vocabulary row the SFT corpus never trains is
-a free logit that preference training can pour probability mass into (measured: with all
-six dimensions' words in the vocabulary, DPO at lr 1e-4 made the policy emit untrained
-follow-up words and collapsed its quality).
-
-Prompts
--------
-``"user: <request> <topic-name> assistant:"`` exactly as in ``deploy_shift`` (request
-template and topic uniform).
-
-Responses ``q(response | topic)``
----------------------------------
-1. length ``L ~ Uniform{3, ..., max_response_words}`` words;
-2. a per-response *relevance* ``p_rel ~ U(0, 0.8)``;
-3. each word independently: with probability ``p_rel`` a uniformly drawn content word of
-   the prompt's topic; otherwise with probability 0.15 a uniformly drawn content word of
-   another topic (off-topic); otherwise a uniformly drawn filler word.
-
-Hidden quality (the ground truth)
----------------------------------
-``quality(prompt, response)`` = the number of DISTINCT content words of the prompt's topic in
-the response (0..6), scored on the words up to the first ``<eos>`` (``<pad>``/``<bos>``
-ignored); ``reward_fn = quality``. Repeating a word earns nothing, so neither length nor
-the frequency of topic words is the quality itself.
-
-Follow-up turns (what makes the corpus FLR-informative)
--------------------------------------------------------
-Each SFT conversation gets, with probability ``followup_rate``, a user follow-up turn after
-the response. Its sentiment is POSITIVE with probability
-
-    P(positive | quality q) = sigmoid(followup_slope * (q - followup_center))
-
-(default slope 1.5, centre 1.5), else NEGATIVE; the utterance is then drawn uniformly from
-``FOLLOWUPS[d][sentiment]`` with ``d`` uniform over ``followup_dimensions`` (default:
-``("understanding",)``, the dimension the authors' scripts use; ``"all"`` = the six). The
-conversation's completion text is ``"<response> <eos> user: <follow-up>"`` (the encoder
-appends the final ``<eos>``), i.e. the word-level layout that
-:func:`alignshift.rewards.flr.render_followup` scores: context ``<bos> prompt response
-<eos>``, follow-up turn ``user: f <eos>``. A policy SFT-trained on this corpus stops at the
-first ``<eos>`` when sampling, so its responses never contain the follow-up; the same LM,
-scored on a follow-up turn, is the FLR reward model. No preference label is ever shown to it.
-
-Splits
-------
-* ``sft``: ``n_sft`` ``(prompt, completion)`` conversations as above, uniform topics.
-* ``train`` / ``val`` / ``test``: ``n_train`` / ``n_val`` (default ``max(1, n_train // 50)``)
-  / ``n_test`` ground-truth preference pairs: two responses drawn i.i.d. from ``q`` for the
-  same prompt, redrawn until their qualities differ; chosen = the higher quality. ``meta =
-  {"topic", "split", "quality_chosen", "quality_rejected"}``.
-
-Determinism: each part uses its own stream ``default_rng([seed, stream_id])``.
-
-``info`` (measured on the generated data) holds the sizes, the quality distribution of
-``q``, the follow-up rate and the positive-follow-up rate per quality level in the SFT
-corpus, the true ``P(positive | quality)`` per quality level, and the test pairs' mean
-qualities and gap.
+The full specification (vocabulary, generation, labels, ground truth, defaults) is in
+``docs/shiftbench.md`` (section ``followup``).
 """
 
 from __future__ import annotations
@@ -80,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
+from importlib import resources
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,26 +40,30 @@ _MAX_ATTEMPTS = 100_000
 _STREAM_SFT, _STREAM_TRAIN, _STREAM_VAL, _STREAM_TEST = range(4)
 
 
-_FOLLOWUPS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rewards",
-                               "followups.json")
-
-
 @functools.lru_cache(maxsize=1)
-def _followups_cached() -> str:
-    with open(_FOLLOWUPS_FILE, encoding="utf-8") as f:
-        return f.read()
+def _followups_text() -> str:
+    return resources.files("alignshift.data").joinpath("followups.json").read_text(encoding="utf-8")
 
 
-def _followups() -> dict:
-    """The FLR follow-ups, read from the same data file as :data:`alignshift.rewards.flr.FOLLOWUPS`
-    (read directly: the data package stays free of jax/model imports)."""
-    return {k: v for k, v in json.loads(_followups_cached()).items() if not k.startswith("_")}
+def load_followups() -> dict[str, dict[str, list[str]]]:
+    """FLR's follow-up utterances, ``{dimension: {"positive": [str], "negative": [str]}}``: the
+    authors' exact texts, from ``alignshift/data/followups.json`` (keys starting with ``_`` are
+    comments). The one reader of that file (:data:`alignshift.rewards.flr.FOLLOWUPS` is its result)."""
+    out = {}
+    for dim, v in json.loads(_followups_text()).items():
+        if dim.startswith("_"):
+            continue
+        if set(v) != {"positive", "negative"} or not all(isinstance(s, str) for k in v for s in v[k]):
+            raise ValueError(f"followups.json: dimension {dim!r} must hold 'positive' and 'negative' string lists")
+        out[dim] = {"positive": list(v["positive"]), "negative": list(v["negative"])}
+    return out
+
 
 
 def followup_words(dimensions="all") -> list[str]:
     """Every word of the FLR follow-ups of ``dimensions`` (default all six), in order of first
     appearance."""
-    fu = _followups()
+    fu = load_followups()
     out: dict[str, None] = {}
     for d, v in fu.items():
         if dimensions != "all" and d not in dimensions:
@@ -155,7 +89,7 @@ class FollowupWorld:
 
     def __init__(self, *, max_response_words: int = 8, followup_slope: float = 1.5,
                  followup_center: float = 1.5, followup_dimensions=("understanding",)):
-        fu = _followups()
+        fu = load_followups()
         dims = tuple(fu) if followup_dimensions == "all" else tuple(followup_dimensions)
         bad = [d for d in dims if d not in fu]
         if not dims or bad:
@@ -247,7 +181,7 @@ def make_followup(
     followup_center: float = 1.5,
     followup_dimensions=("understanding",),
 ) -> FollowupData:
-    """Build the ``followup`` scenario (see the module docstring)."""
+    """Build the ``followup`` scenario (docs/shiftbench.md)."""
     n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     if not 0.0 <= followup_rate <= 1.0:
         raise ValueError(f"followup_rate must be in [0, 1], got {followup_rate}")

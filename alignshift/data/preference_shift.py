@@ -1,134 +1,7 @@
 """ShiftBench scenario ``preference_shift``: a controlled shift of the *preference labels*.
 
-It mirrors the emotion experiment of WDPO/KLDPO (Xu et al., NeurIPS 2025): there,
-preferences come from a mixture of two emotion-classifier rewards (*fear* and
-*anger*) with mixing weight alpha; a policy is trained on preferences at
-``alpha0 = 0.1`` (mostly fear) and evaluated on preferences at alpha moving from
-``alpha0`` to 1 (pure anger), with convex and geometric mixing.  Here the two
-classifiers are replaced by two known, positive, bag-of-words rewards, so the
-label of every pair is exact at every alpha.
-
-Everything is generated offline from a seed (pure numpy/python), like
-:mod:`.shiftbench`; the data is returned as a :class:`PreferenceShiftData` (a
-:class:`~.shiftbench.ShiftBenchData` with extra fields for the per-alpha test
-labels).
-
-Vocabulary (plain lowercase words, one token each)
---------------------------------------------------
-The :mod:`.shiftbench` prompt vocabulary (``user: assistant:``, the request
-words, the 8 topic names, the 8 x 6 topic content words ``TOPIC_WORDS`` and the
-16 ``FILLER_WORDS``; not the harmful words) plus two disjoint emotion families:
-
-* ``FEAR_WORDS`` (objective A, "fear"):
-  ``afraid scared panic dread terror nervous`` with intensities
-  ``1.0 0.8 1.4 1.2 1.6 0.6``;
-* ``ANGER_WORDS`` (objective B, "anger"):
-  ``angry furious rage hate annoyed outrage`` with intensities
-  ``1.1 1.5 1.7 1.3 0.7 0.9``.
-
-The intensities differ between the families on purpose, so that swapping fear
-for anger words never produces exact mirror-image ties.
-
-Prompts
--------
-``"user: <request> <topic-name> assistant:"`` exactly as in ``deploy_shift``
-(request template uniform over ``explain / describe / tell about / discuss``,
-topic uniform over the 8 topics).  The topic only changes which neutral content
-words the base distribution uses; it does not enter the rewards.
-
-Base response distribution ``q(response | topic)``
---------------------------------------------------
-1. length ``L ~ Uniform{3, ..., max_response_words}`` words;
-2. a per-response *style*: emotional intensity ``p_emo ~ U(0, 1)`` and
-   fear/anger balance ``theta ~ Beta(2, 2)``;
-3. each word independently: with probability ``p_emo * theta`` a uniformly drawn
-   fear word; with probability ``p_emo * (1 - theta)`` a uniformly drawn anger
-   word; otherwise (neutral), with probability 0.5 a uniformly drawn content word
-   of the prompt's topic, else a uniformly drawn filler word.
-
-The per-response balance ``theta`` makes the fear and anger frequencies vary
-independently of the overall intensity, so the two objectives often rank a pair
-differently (measured: they disagree on 44-49% of test pairs for seeds 0-3, see
-``info["test_ab_disagreement"]``).
-
-Ground truth (a linear bag-of-words "classifier" per objective)
----------------------------------------------------------------
-A response is scored on its whitespace-separated words up to the first
-``<eos>`` (``<pad>``/``<bos>`` ignored, as in ``deploy_shift``).  Each word ``w``
-has a weight per objective, ``v_A(w)`` and ``v_B(w)``:
-
-* a fear word: ``v_A`` = its intensity, ``v_B = 0``; an anger word: ``v_A = 0``,
-  ``v_B`` = its intensity;
-* the j-th neutral word (``NEUTRAL_WORDS`` = all topic content words in topic
-  order, then the filler words; ``j = 0, 1, ...``) has small fixed weights
-  ``v_A = 0.1 * sin(1.7 j + 0.3)`` and ``v_B = 0.1 * sin(2.3 j + 1.1)``
-  (a deterministic stand-in for a classifier's small weights on ordinary words;
-  they make exact reward ties between different responses rare);
-* every other word (role, request, topic-name, unknown) weighs 0.
-
-Scores ``s_k = sum_w v_k(w)`` (with multiplicity) and rewards
-
-    r_k = sigmoid(clip(a * (s_k - c), -30, 30)),   a = 1.0, c = 1.5,  k in {A, B},
-
-so ``r_A, r_B`` lie strictly in ``(0, 1)`` (about 0.18 for a neutral response,
-about 0.96 for three strong words), as geometric mixing needs.  Mixing with
-weight ``alpha`` in ``[0, 1]`` (:func:`mix_reward`):
-
-* ``convex``:    ``r_alpha = (1 - alpha) * r_A + alpha * r_B``;
-* ``geometric``: ``r_alpha = r_A ** (1 - alpha) * r_B ** alpha``.
-
-Both equal ``r_A`` at ``alpha = 0`` and ``r_B`` at ``alpha = 1``.  For a fixed
-pair, the reward difference (convex) or log-reward difference (geometric) is
-linear in alpha, so each pair's label flips at most once on ``[0, 1]``; hence
-the agreement with the ``alpha0`` labels is non-increasing as alpha moves away
-from ``alpha0`` in either direction (exactly so for convex mixing; geometric
-mixing at ``alpha0`` already differs from the convex ``alpha0`` labels on a few
-per cent of pairs).
-
-Training reward ``reward_fn`` = the convex mixture at ``alpha0`` (default 0.1).
-
-Preference pairs
-----------------
-For a prompt of topic ``t``, two responses are drawn i.i.d. from ``q(.|t)``;
-the pair is redrawn while the two texts are identical or their ``alpha0`` convex
-rewards tie (``|difference| <= 1e-9``).
-
-* ``train`` (``n_train`` pairs) and ``val`` (``n_val`` pairs, default
-  ``max(1, n_train // 50)``): *chosen* = the response with the higher
-  ``alpha0`` convex reward.  ``meta = {"topic", "split", "alpha": alpha0,
-  "kind": "convex"}``.
-* test pairs (``n_test``): ``(prompt, response_1, response_2)`` in draw order,
-  additionally redrawn while the pair ties (``<= 1e-9``) under any labelling of
-  the evaluation grid (a measure-zero coincidence except for exact
-  mirror-image pairs; the rate is reported).  The evaluation grid is every
-  ``(kind, alpha)`` with ``kind`` in ``mixing`` and ``alpha`` in
-  ``alphas`` U ``{alpha0}`` U ``{test_alpha}``, plus ``("convex", alpha0)``.
-  ``test_by_alpha[(kind, alpha)]`` holds the SAME pairs in the same order,
-  relabelled by the ``(kind, alpha)`` mixture (chosen = higher mixed reward), so
-  accuracy curves over alpha compare like with like.  ``meta = {"topic",
-  "split": "test", "pair_id", "alpha", "kind", "flipped"}`` where ``flipped``
-  says whether the label differs from the ``alpha0`` convex label.
-* ``test`` = ``test_by_alpha[(test_mixing, test_alpha)]`` (default: the
-  ``alpha0`` convex labels, i.e. the in-distribution test set; pass e.g.
-  ``test_alpha=1.0`` to make ``test`` the most shifted one).
-* ``sft``: ``n_sft`` ``(prompt, response)`` pairs from ``q`` with uniform topics.
-
-Train, val and test pairs come from the same pair distribution (up to the
-rare extra test tie rejections): the shift is purely in the labelling function
-(a conditional / "concept" shift), as in the emotion experiment.
-
-Determinism: each part (sft, train, val, test) uses its own stream
-``default_rng([seed, stream_id])``, so the same seed and kwargs give identical
-data, and e.g. changing ``n_sft`` or ``alphas`` leaves train/val unchanged.
-
-``info`` (measured on the generated data; JSON-serialisable) contains, among
-others: ``alphas`` (the sorted grid), ``test_label_agreement`` (``{kind: {alpha:
-fraction of test pairs whose (kind, alpha) label equals the alpha0 convex
-label}}``, alpha keys formatted with ``"%g"``), ``test_label_agreement_curve``
-(``{kind: [values in grid order]}``), ``test_ab_disagreement`` (fraction of test
-pairs that r_A and r_B rank differently), ``train_label_agreement_A/B`` (train
-pairs whose chosen response has the higher r_A / r_B), tie-redraw rates, SFT
-reward statistics and the sizes.
+The full specification (vocabulary, generation, labels, ground truth, defaults) is in
+``docs/shiftbench.md`` (section ``preference_shift``).
 """
 
 from __future__ import annotations
@@ -181,7 +54,7 @@ _FEAR_SET, _ANGER_SET = frozenset(FEAR_WORDS), frozenset(ANGER_WORDS)
 MIXING_KINDS: tuple[str, ...] = ("convex", "geometric")
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
-# Generative constants (see module docstring).
+# Generative constants (docs/shiftbench.md).
 MIN_RESPONSE_WORDS = 3
 P_EMO_MAX = 1.0
 BALANCE_BETA = 2.0
@@ -324,7 +197,7 @@ class PreferenceShiftWorld:
         return f"{ROLE_WORDS[0]} {request} {TOPIC_NAMES[topic]} {ROLE_WORDS[1]}"
 
     def sample_response(self, rng: np.random.Generator, topic: int) -> str:
-        """One draw from ``q(.|topic)`` (see module docstring)."""
+        """One draw from ``q(.|topic)`` (docs/shiftbench.md)."""
         length = int(rng.integers(MIN_RESPONSE_WORDS, self.max_response_words + 1))
         p_emo = rng.uniform(0.0, P_EMO_MAX)
         theta = rng.beta(BALANCE_BETA, BALANCE_BETA)
@@ -442,7 +315,7 @@ def make_preference_shift(
     test_alpha: float | None = None,
     test_mixing: str = "convex",
 ) -> PreferenceShiftData:
-    """Build the ``preference_shift`` scenario deterministically from ``seed`` (see module docstring)."""
+    """Build the ``preference_shift`` scenario deterministically from ``seed`` (docs/shiftbench.md)."""
     n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     alpha0 = _check_alpha(alpha0)
     alphas = [_check_alpha(a) for a in alphas]

@@ -1,105 +1,8 @@
 """ShiftBench scenario ``synthetic_shift``: most training data generated AND judged by biased
 synthetic sources, a minority from the target ("human") distribution (the DoRA setting).
 
-It mirrors DoRA's "mixture response shift" (algorithms.md §4.1): training responses come
-from ``P = α·Q₀ + Σ_i β_i·Q_i``, where ``Q₀`` is the target distribution and ``Q_i`` are
-synthetic sources (LLMs) whose own judges rank their candidates with a bias; we want the
-policy that the TARGET judge would train, and we know each training list's source only
-coarsely (its source label, not the density ratio). Everything is generated offline from a
-seed (pure numpy/python), like :mod:`.shiftbench`.
-
-Vocabulary (plain lowercase words, one token each)
---------------------------------------------------
-The :mod:`.shiftbench` prompt vocabulary (``user: assistant:``, the request words, the 8
-topic names, the 8 x 6 topic content words ``TOPIC_WORDS``, the 16 ``FILLER_WORDS``; not
-the harmful words) plus two style families:
-
-* ``FLATTERY_WORDS``: ``great amazing wonderful brilliant fantastic superb`` (sycophancy);
-* ``PADDING_WORDS``: ``certainly indeed basically actually furthermore overall`` (verbosity).
-
-Prompts
--------
-``"user: <request> <topic-name> assistant:"`` exactly as in ``deploy_shift`` (request
-template and topic uniform). The topic decides which content words are relevant.
-
-Sources and their response distributions ``Q_s(response | topic)``
-------------------------------------------------------------------
-Three sources (``SOURCES``): ``target`` (Q₀, the human data), ``sycophant`` (Q₁) and
-``verbose`` (Q₂). A response of source ``s``:
-
-1. length ``L ~ Uniform{min_len_s, ..., max_response_words}`` words;
-2. a per-response style: ``p_rel ~ U(0, 0.8)``, ``p_flat ~ U(flat_s)``, ``p_pad ~ U(pad_s)``;
-3. each word independently: with probability ``p_flat`` a uniformly drawn flattery word;
-   else with probability ``p_pad / (1 − p_flat)`` a uniformly drawn padding word (so
-   ``p_pad`` overall); otherwise, with probability ``p_rel``, a uniformly drawn relevant word
-   of the prompt's topic, else a uniformly drawn filler word.
-
-=============  ========  ==============  ==============
-source         min_len   flat_s          pad_s
-=============  ========  ==============  ==============
-target (Q₀)    3         (0.00, 0.25)    (0.00, 0.15)
-sycophant      3         (0.10, 0.50)    (0.00, 0.15)
-verbose        5         (0.00, 0.25)    (0.10, 0.45)
-=============  ========  ==============  ==============
-
-The sources overlap: a sycophant response with few flattery words looks like a target one,
-so a classifier's ``Pr(target | response)`` varies within each source (that is what DoRA's
-per-response calibration exploits beyond a per-source weight).
-
-Ground truth and judges
------------------------
-``helpfulness`` = number of DISTINCT relevant words of the prompt's topic (0..6); ``n_flat``,
-``n_pad`` = counts of flattery / padding words (with multiplicity); ``length`` = words.
-Responses are scored on whitespace-separated words up to the first ``<eos>``
-(``<pad>``/``<bos>`` ignored), as in ``deploy_shift``.
-
-* target reward (the human judge; the evaluation's ground truth):
-  ``r₀ = helpfulness − 1.0·n_flat − 0.5·n_pad``;
-* sycophant judge: ``r₁ = helpfulness + b·n_flat − 0.5·n_pad`` (rewards flattery;
-  ``b = sycophancy_bias``, default 0.5);
-* verbose judge: ``r₂ = helpfulness − 1.0·n_flat + 0.5·n_pad + 0.2·length`` (rewards length).
-
-Source signatures (``signature_rate``, default 0): each word of a SYNTHETIC source's
-response is, with probability ``signature_rate``, that source's signature word
-(``SIGNATURE_WORDS``: ``truly`` for sycophant, ``notably`` for verbose; checked before the
-flattery/padding draw, so the other word probabilities scale by ``1 − signature_rate``).
-Signature words carry no reward (they count only towards ``length``, which the verbose judge
-rewards); they make the sources easier to tell from the target (LLM text is usually easy to
-detect). The two words join the vocabulary only when
-``signature_rate > 0``, so the default data and tokenizer are unchanged by the option.
-
-Every judge's training score adds Gaussian noise ``N(0, judge_noise²)`` (default 0.3; the
-human judge is noisy too), so scores are continuous and never tie.
-
-Training data (``train_lists``, ``train``)
-------------------------------------------
-``n_train`` prompts; prompt ``j``'s source is drawn from the mixture ``mixture`` (default
-``target 0.2, sycophant 0.5, verbose 0.3``; exactly ``round(share·n_train)`` per source,
-shuffled), and its ``K`` candidates (default 4) are drawn i.i.d. from that source's ``Q_s``
-and scored by that source's judge. ``train_lists`` holds :class:`ListExample` (candidates in
-draw order, with ``scores``); ``train`` holds the pairwise view: (best, worst) candidate by
-the list's judge scores (the usual binarisation), same order. ``meta = {"topic", "source",
-"list_id", "split"}`` — the source is known coarsely, as DoRA assumes.
-
-Evaluation data
----------------
-* ``test``: ``n_test`` pairs of two responses from ``Q₀`` labelled by the noise-free target
-  reward (redrawn while ``r₀`` ties): chosen = higher ``r₀``.
-* ``val``: ``n_val`` such pairs (default ``max(1, n_train // 50)``).
-* ``sft``: ``n_sft`` ``(prompt, response)`` pairs from the training mixture ``P`` (what a base
-  model trained on such data produces), uniform topics.
-
-``reward_fn`` is the target reward ``r₀`` (score sampled responses with it); ``metrics_fn``
-gives ``target_reward``, ``helpfulness``, ``n_flat``, ``n_pad``, ``length``.
-
-``info`` (measured on the generated data) holds, among others, ``train_source_share``,
-``train_label_agreement_with_target`` (per source: fraction of training pairs whose label the
-noise-free target reward agrees with; ties count as disagreement), the per-source mean
-``n_flat``/``n_pad``/``length`` of training candidates, ``test_flat_diff_rate`` (test pairs
-whose responses differ in ``n_flat``) and ``test_sycophant_judge_agreement`` (fraction of
-test pairs the noise-free sycophant judge ranks as the target does).
-
-Determinism: each part uses its own stream ``default_rng([seed, stream_id])``.
+The full specification (vocabulary, generation, labels, ground truth, defaults) is in
+``docs/shiftbench.md`` (section ``synthetic_shift``).
 """
 
 from __future__ import annotations
@@ -164,7 +67,7 @@ class ListExample:
 
 
 class SyntheticShiftWorld:
-    """The ground truth of ``synthetic_shift``: vocabulary, samplers and judges (module docstring)."""
+    """The ground truth of ``synthetic_shift``: vocabulary, samplers and judges (docs/shiftbench.md)."""
 
     def __init__(self, *, max_response_words: int = 8, sycophancy_bias: float = 0.5, signature_rate: float = 0.0):
         self.max_response_words = int(max_response_words)
@@ -215,7 +118,7 @@ class SyntheticShiftWorld:
         return f"{ROLE_WORDS[0]} {request} {TOPIC_NAMES[topic]} {ROLE_WORDS[1]}"
 
     def sample_response(self, rng: np.random.Generator, topic: int, source: str) -> str:
-        """One draw from ``Q_source(. | topic)`` (module docstring)."""
+        """One draw from ``Q_source(. | topic)`` (docs/shiftbench.md)."""
         if source not in STYLES:
             raise ValueError(f"unknown source {source!r}; valid: {SOURCES}")
         min_len, flat, pad = STYLES[source]
@@ -306,7 +209,7 @@ def make_synthetic_shift(
     sycophancy_bias: float = 0.5,
     signature_rate: float = 0.0,
 ) -> SyntheticShiftData:
-    """Build the ``synthetic_shift`` scenario deterministically from ``seed`` (module docstring)."""
+    """Build the ``synthetic_shift`` scenario deterministically from ``seed`` (docs/shiftbench.md)."""
     n_val = check_sizes(seed, n_train=n_train, n_val=n_val, n_test=n_test, n_sft=n_sft)
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 2:
         raise ValueError(f"n_candidates must be an int >= 2, got {n_candidates!r}")

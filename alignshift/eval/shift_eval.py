@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -20,34 +21,28 @@ from flax import nnx
 
 from alignshift.losses import Objective
 from alignshift.models.sampling import generate
-from alignshift.train.steps import batch_sequence_logps, policy_inputs
+from alignshift.forward import batch_sequence_logps, map_batches, policy_inputs
 
 __all__ = ["implicit_rewards", "preference_accuracy", "sample_and_score", "win_rate"]
 
 
-def _batches(n: int, batch_size: int):
-    for a in range(0, n, batch_size):
-        yield slice(a, min(a + batch_size, n))
-
-
-def implicit_rewards(logits_fn, params, arrays: dict, objective: Objective, *, batch_size: int = 256):
-    """The method's implicit rewards of every pair's chosen and rejected response, ``(c, r)``."""
+@functools.lru_cache(maxsize=16)
+def _rewards_fn(logits_fn, objective: Objective):
+    """One jitted implicit-reward function per (forward, objective): repeated evaluations of
+    the same method reuse its compiled function instead of tracing a new one."""
 
     @jax.jit
     def terms(p, batch):
         t = objective.terms(policy_inputs(logits_fn, p, batch, objective))[0]
         return t.chosen_rewards, t.rejected_rewards
 
-    keys = [k for k in arrays if not k.startswith("prompt_")]
-    n = arrays["chosen_input_ids"].shape[0]
-    c, r = [], []
-    for sl in _batches(n, batch_size):
-        pad = batch_size - (sl.stop - sl.start)
-        batch = {k: np.pad(arrays[k][sl], [(0, pad)] + [(0, 0)] * (arrays[k].ndim - 1)) for k in keys}
-        cc, rr = terms(params, batch)
-        c.append(np.asarray(cc)[: sl.stop - sl.start])
-        r.append(np.asarray(rr)[: sl.stop - sl.start])
-    return np.concatenate(c), np.concatenate(r)
+    return terms
+
+
+def implicit_rewards(logits_fn, params, arrays: dict, objective: Objective, *, batch_size: int = 256):
+    """The method's implicit rewards of every pair's chosen and rejected response, ``(c, r)``."""
+    batch = {k: v for k, v in arrays.items() if not k.startswith("prompt_")}
+    return map_batches(_rewards_fn(logits_fn, objective), batch, batch_size=batch_size, args=(params,))
 
 
 def preference_accuracy(logits_fn, params, arrays: dict, objective: Objective, *, batch_size: int = 256) -> dict:
@@ -86,7 +81,8 @@ def sample_and_score(
     rewards: list[float] = []
     responses: list[str] = []
     kls = []
-    for b, sl in enumerate(_batches(n, batch_size)):
+    for b, a in enumerate(range(0, n, batch_size)):
+        sl = slice(a, min(a + batch_size, n))
         pids, pmask = prompt_arrays["prompt_ids"][sl], prompt_arrays["prompt_mask"][sl]
         toks, rmask = generate(
             model,

@@ -15,7 +15,7 @@ Data-parallel ``jax.pmap`` alternative (state replicated, batch split, gradients
 batch reductions such as KLDPO's mean, KTO's z0, DR-DPO and KMM use collectives so the
 result equals the global-batch step)::
 
-    from alignshift.parallel import make_pmap_preference_step, replicate, shard_for_pmap
+    from alignshift.train.pmap import make_pmap_preference_step, replicate, shard_for_pmap
     step = make_pmap_preference_step(graphdef, rest, tx, objective)
     state, metrics = step(replicate(init_state(params, tx)), shard_for_pmap(batch))
 
@@ -23,7 +23,6 @@ Checkpoints saved from one mesh restore onto another with
 ``Checkpointer.restore(abstract_state(state, new_mesh))``.
 """
 
-from alignshift.parallel.pmap import make_pmap_preference_step, pmap_objective, replicate, shard_for_pmap, unreplicate
 from alignshift.parallel.distributed import maybe_initialize_distributed, multi_process_env
 from alignshift.parallel.mesh import (
     BATCH_AXES,
@@ -53,11 +52,6 @@ from alignshift.parallel.rules import (
 )
 
 __all__ = [
-    "make_pmap_preference_step",
-    "pmap_objective",
-    "replicate",
-    "shard_for_pmap",
-    "unreplicate",
     "BATCH_AXES",
     "LOGICAL_TO_MESH",
     "MESH_AXES",

@@ -10,8 +10,8 @@ right after it (spec: ``shared/spec/algorithms.md`` §5).
 Follow-ups
     :data:`FOLLOWUPS` maps each of the six helpfulness dimensions (``understanding``,
     ``relevance``, ``correctness``, ``engagingness``, ``informativeness``, ``following``) to
-    ``{"positive": [10 str], "negative": [10 str]}``, loaded from ``followups.json`` next to
-    this file, with the exact characters of the authors' ``utils.py`` (typographic ’ vs
+    ``{"positive": [10 str], "negative": [10 str]}``, loaded from ``alignshift/data/followups.json``
+    (:func:`alignshift.data.followup.load_followups`), with the exact characters of the authors' ``utils.py`` (typographic ’ vs
     straight ' apostrophes, and the three duplicated entries, kept). ``dimension="all"``
     (or a list of dimensions) pools them.
 
@@ -66,8 +66,6 @@ Direct baseline
 from __future__ import annotations
 
 import functools
-import json
-import os
 from collections.abc import Sequence
 
 import jax
@@ -75,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignshift.data.followup import load_followups
 from alignshift.losses.logps import mean_logps, sequence_logps
 from alignshift.models.layers import positions_from_mask
 
@@ -94,24 +93,8 @@ __all__ = [
     "render_direct",
 ]
 
-_FOLLOWUPS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "followups.json")
-
-
-def _load_followups(path: str = _FOLLOWUPS_FILE) -> dict[str, dict[str, list[str]]]:
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    out = {}
-    for dim, v in raw.items():
-        if dim.startswith("_"):
-            continue
-        if set(v) != {"positive", "negative"} or not all(isinstance(s, str) for k in v for s in v[k]):
-            raise ValueError(f"{path}: dimension {dim!r} must hold 'positive' and 'negative' string lists")
-        out[dim] = {"positive": list(v["positive"]), "negative": list(v["negative"])}
-    return out
-
-
 #: dimension -> {"positive": [...], "negative": [...]}: the authors' exact follow-up utterances.
-FOLLOWUPS: dict[str, dict[str, list[str]]] = _load_followups()
+FOLLOWUPS: dict[str, dict[str, list[str]]] = load_followups()
 DIMENSIONS: tuple[str, ...] = tuple(FOLLOWUPS)
 MODES: tuple[str, ...] = ("likelihood", "repo")
 AGGREGATES: tuple[str, ...] = ("difference", "positive", "negative")

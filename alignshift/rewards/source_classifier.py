@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from alignshift.forward import map_batches
+
 __all__ = [
     "ClassifierConfig",
     "BinaryClassifier",
@@ -82,14 +84,9 @@ def reference_features(graphdef, rest, params, arrays: dict, *, pool: str = "res
 
     ids, am, lm = (np.asarray(arrays[k]) for k in ("input_ids", "attention_mask", "loss_mask"))
     mask = lm if pool == "response" else am
-    n = ids.shape[0]
-    out = []
-    for a in range(0, n, batch_size):
-        sl = slice(a, min(a + batch_size, n))
-        pad = batch_size - (sl.stop - sl.start)
-        xs = [np.pad(x[sl], ((0, pad), (0, 0))) for x in (ids, am, mask)]
-        out.append(np.asarray(fn(params, *xs))[: sl.stop - sl.start])
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    if not ids.shape[0]:
+        return np.zeros((0, 0), np.float32)
+    return map_batches(lambda p, b: fn(p, *b), [ids, am, mask], batch_size=batch_size, args=(params,)).astype(np.float32)
 
 
 def hf_encoder_features(path: str, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 64,

@@ -68,7 +68,9 @@ import optax
 from alignshift.losses import Objective
 from alignshift.losses.objective import BASE_LOSSES
 from alignshift.losses.weighting import WEIGHTING_RULES
-from alignshift.train.steps import _apply, add_penalty, attach_reference, make_logits_fn, step_inputs
+from alignshift.forward import attach_reference, make_logits_fn
+from alignshift.train.steps import apply_gradients, step_inputs
+from alignshift.train.penalty import add_penalty
 
 __all__ = [
     "make_pmap_preference_step",
@@ -259,7 +261,7 @@ def make_pmap_preference_step(
         grads = jax.lax.pmean(grads, axis_name)
         metrics = _reduce_metrics(metrics, axis_name)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return _apply(state, grads, tx), metrics
+        return apply_gradients(state, grads, tx), metrics
 
     pstep = jax.pmap(_step, axis_name=axis_name, devices=devs, donate_argnums=(0,))
 
