@@ -8,6 +8,12 @@ A script states whether it reads real datasets (``experiment_parser(..., real_da
 (``data.scenario``), and :func:`parse_experiment_args` refuses a config that sets
 ``data.dataset`` for them (exit status 2) instead of silently ignoring it. ``--dry-run``
 plans any config (real-data ones included) whatever the script.
+
+Every entry point runs its ``main`` through :func:`run_main` (from
+:mod:`alignshift.experiment.errors`, re-exported here): a data or config error (a
+:class:`~alignshift.config.ConfigError`, a :class:`~alignshift.data.DataError` naming the
+file/row/field, a bad JSON document, a missing file) ends the process with ONE line
+``error: <message>`` on stderr and exit status 2 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 
 from alignshift.config import ConfigError, ExperimentConfig, load_config, to_dict
+from alignshift.experiment.errors import add_skip_bad_rows, exit_on, run_main, user_errors
 
 REAL_DATA_SCRIPT = "experiments/preference_hf.py"
 
-__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir"]
+__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir", "add_skip_bad_rows", "exit_on",
+           "user_errors", "run_main"]
 
 
 class _ExperimentParser(argparse.ArgumentParser):
@@ -57,25 +64,24 @@ def experiment_parser(description: str, default_config: str | None, default_out:
     p.add_argument("--dry-run", action="store_true",
                    help="build model + optimizer state with abstract shapes, print parameter count, per-device "
                         "memory and the sharding plan on the config's mesh, and exit (no weights, no training)")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help="drop malformed data rows (and over-long ones unless data.truncation=truncate), "
-                        "count and report them, instead of stopping at the first (= data.skip_bad_rows=true)")
+    add_skip_bad_rows(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
     return p
 
 
-def parse_experiment_args(parser: argparse.ArgumentParser, argv=None, *,
-                          cls=ExperimentConfig) -> tuple[argparse.Namespace, ExperimentConfig]:
+def parse_experiment_args(parser: argparse.ArgumentParser, argv=None, *, cls=ExperimentConfig,
+                          check=None) -> tuple[argparse.Namespace, ExperimentConfig]:
     """Parse ``argv`` and load the config (as ``cls``, an :class:`ExperimentConfig` subclass)
-    with ``--quick``/``--seeds``/``--skip-bad-rows``/overrides and ``--methods``; a config
-    error is printed and exits with status 2."""
+    with ``--quick``/``--seeds``/``--skip-bad-rows``/overrides and ``--methods``, then run the
+    script's own ``check(cfg)`` (raises :class:`ConfigError`); a config error is printed and
+    exits with status 2."""
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"seeds={args.seeds}")
     if getattr(args, "skip_bad_rows", False):
         overrides.append("data.skip_bad_rows=true")
-    try:
+    with exit_on(ConfigError):
         cfg = load_config(args.config, overrides, quick=args.quick, cls=cls)
         if cfg.data.dataset and not getattr(parser, "real_data", False):
             raise ConfigError(f"config key 'data.dataset' is {cfg.data.dataset!r}, but this script runs the "
@@ -88,9 +94,8 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv=None, *,
             if unknown:
                 raise ConfigError(f"--methods: unknown method(s) {unknown}; the config has {known}")
             cfg.methods = [m for m in cfg.methods if m.name in wanted]
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if check is not None:
+            check(cfg)
     return args, cfg
 
 

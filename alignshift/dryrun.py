@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignshift.config import ConfigError, ExperimentConfig
+from alignshift.experiment.errors import add_skip_bad_rows, run_main
 from alignshift.models.layers import DTYPES
 
 __all__ = ["dry_run", "run_dry_run", "load_plan_config", "resolve_hf_config", "abstract_model", "main"]
@@ -192,8 +193,9 @@ def dry_run(cfg: ExperimentConfig, *, devices: int | None = None, trace_step: bo
     from alignshift.parallel.mesh import MESH_AXES, resolve_mesh_shape
     from alignshift.parallel.rules import param_shardings, state_shardings, unmatched_params
     from alignshift.train.optim import make_optimizer
-    from alignshift.train.runner import objective_for
-    from alignshift.train.steps import init_state, split_model
+    from alignshift.train.phases import objective_for
+    from alignshift.forward import split_model
+    from alignshift.train.steps import init_state
 
     say = out or (lambda s: None)
     warnings: list[str] = []
@@ -377,10 +379,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the report (without the plan) to this JSON file")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     p.add_argument("--quick", action="store_true", help="apply the config's --quick overrides first")
+    add_skip_bad_rows(p)
     args = p.parse_args(argv)
-    return run_dry_run(args.config, args.overrides, quick=args.quick, devices=args.devices,
+    overrides = list(args.overrides) + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
+    return run_dry_run(args.config, overrides, quick=args.quick, devices=args.devices,
                        trace_step=args.trace_step, json_out=args.json)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_main(main))

@@ -19,8 +19,9 @@ import numpy as np
 from alignshift.config import MethodConfig, load_config
 from alignshift.data import BatchIterator, encode_pairs, make_scenario
 from alignshift.train.optim import make_optimizer
-from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps
-from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
+from alignshift.train.phases import build_policy, objective_for, precompute_reference_logps
+from alignshift.forward import make_logits_fn, split_model
+from alignshift.train.steps import init_state, make_preference_step
 
 OBJECTIVES = {
     "dpo": MethodConfig(name="dpo"),

@@ -27,8 +27,8 @@ from alignshift.config import load_config, to_dict
 from alignshift.data import encode_pairs, make_scenario
 from alignshift.train.metrics import JsonlWriter
 from alignshift.train.ref_cache import ReferenceLogpCache
-from alignshift.train.runner import build_policy, precompute_reference_logps, run_sft
-from alignshift.train.steps import make_logits_fn, split_model
+from alignshift.train.phases import build_policy, precompute_reference_logps, run_sft
+from alignshift.forward import make_logits_fn, split_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,7 +29,7 @@ import numpy as np
 from alignshift.config import load_config
 from alignshift.data import make_scenario
 from alignshift.models.sampling import generate
-from alignshift.train.runner import build_policy
+from alignshift.train.phases import build_policy
 
 
 def _time(fn, repeats):

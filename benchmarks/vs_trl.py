@@ -128,8 +128,9 @@ def _ours(a, root, precompute: bool, window: int = 0):
     from alignshift.losses import make_objective
     from alignshift.models.hf import load_hf_model
     from alignshift.train.optim import make_optimizer
-    from alignshift.train.runner import precompute_reference_logps
-    from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
+    from alignshift.train.phases import precompute_reference_logps
+    from alignshift.forward import make_logits_fn, split_model
+    from alignshift.train.steps import init_state, make_preference_step
 
     model = load_hf_model(os.path.join(root, "policy"), dtype=jnp.float32)
     graphdef, params, rest = split_model(model)

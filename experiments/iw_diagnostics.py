@@ -12,28 +12,32 @@ report the mean normalised weight on each training category. The true density ra
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignshift.cli import add_skip_bad_rows, run_main
 from alignshift.config import MethodConfig, load_config
 from alignshift.data import BatchIterator, encode_pairs, make_scenario
 from alignshift.losses import make_objective
 from alignshift.losses.weighting import iw_weights, normalize_weights
-from alignshift.train.runner import build_policy, precompute_reference_logps, run_preference, run_sft
-from alignshift.train.steps import make_logits_fn, policy_inputs, split_model
+from alignshift.train.phases import build_policy, precompute_reference_logps, run_preference, run_sft
+from alignshift.forward import make_logits_fn, policy_inputs, split_model
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="experiments/configs/iw_dpo.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=32)
     p.add_argument("--draws", type=int, default=40)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
-    cfg = load_config(a.config, a.overrides + [f"train.steps={a.warmup_steps}", "train.eval_every=0"])
+    add_skip_bad_rows(p)  # the generated scenario has no bad rows: accepted like every entry point's
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides + [f"train.steps={a.warmup_steps}", "train.eval_every=0"]
+                      + (["data.skip_bad_rows=true"] if a.skip_bad_rows else []))
     data = make_scenario(cfg.data.scenario, seed=a.seed, **cfg.data.scenario_kwargs)
     tok = data.tokenizer
     enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
@@ -73,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

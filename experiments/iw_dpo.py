@@ -13,17 +13,13 @@ from __future__ import annotations
 import os
 import sys
 
-from alignshift.cli import experiment_parser, parse_experiment_args
-from alignshift.train.pipeline import run_experiment
+from alignshift.cli import run_main
+from alignshift.experiment.driver import Experiment, experiment_script
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "iw_dpo.yaml")
 
-
-def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/iw_dpo")
-    args, cfg = parse_experiment_args(parser, argv)
-    return run_experiment(cfg, args.out, resume=args.resume, title="IW-DPO")
-
+parse_args, main = experiment_script(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/iw_dpo",
+                                     lambda: Experiment(title="IW-DPO"))
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run_main(main))

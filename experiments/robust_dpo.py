@@ -14,26 +14,22 @@ from __future__ import annotations
 import os
 import sys
 
-from alignshift.cli import experiment_parser, parse_experiment_args
-from alignshift.eval.alpha_sweep import AlphaSweepEvaluator, curves_from_summary, plot_alpha_curves
-from alignshift.train.pipeline import run_experiment
+from alignshift.cli import run_main
+from alignshift.config import ConfigError
+from alignshift.experiment.driver import Experiment, experiment_script
+from alignshift.experiment.evaluators import AlphaSweepEvaluator
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "robust_dpo.yaml")
 
 
-def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/robust_dpo")
-    args, cfg = parse_experiment_args(parser, argv)
+def check_config(cfg) -> None:
     if cfg.data.scenario != "preference_shift":
-        parser.error(f"robust_dpo needs data.scenario=preference_shift, got {cfg.data.scenario!r}")
-    ev = AlphaSweepEvaluator()
+        raise ConfigError(f"robust_dpo needs data.scenario=preference_shift, got {cfg.data.scenario!r}")
 
-    def after(summary, out):
-        summary["curves"] = curves_from_summary(summary, ev.alphas, ev.kinds)
-        plot_alpha_curves(summary["curves"], os.path.join(out, "alpha_curves.png"), alpha0=ev.alpha0)
 
-    return run_experiment(cfg, args.out, resume=args.resume, title="WDPO / KLDPO", evaluator=ev, after=after)
-
+parse_args, main = experiment_script(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/robust_dpo",
+                                     lambda: Experiment(AlphaSweepEvaluator(), title="WDPO / KLDPO"),
+                                     check=check_config)
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run_main(main))

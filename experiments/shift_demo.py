@@ -2,7 +2,7 @@
 
 For each seed: build the benchmark, SFT the policy on its corpus (that is the reference),
 precompute reference log-probs, train every configured method from the reference, and
-evaluate on the deployment test set (see ``alignshift/train/pipeline.py``). Writes to ``--out``:
+evaluate on the deployment test set (the driver: ``alignshift/experiment/driver.py``). Writes to ``--out``:
 
 * ``summary.json``   — design schema, mean over seeds, plus ``<metric>_sem``
 * ``seed_<s>/summary.json`` — one per seed
@@ -18,17 +18,13 @@ from __future__ import annotations
 import os
 import sys
 
-from alignshift.cli import experiment_parser, parse_experiment_args
-from alignshift.train.pipeline import run_experiment
+from alignshift.cli import run_main
+from alignshift.experiment.driver import Experiment, experiment_script
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shift_demo.yaml")
 
-
-def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/shift_demo")
-    args, cfg = parse_experiment_args(parser, argv)
-    return run_experiment(cfg, args.out, resume=args.resume, title="DPO family")
-
+parse_args, main = experiment_script(__doc__.splitlines()[0], DEFAULT_CONFIG, "results/shift_demo",
+                                     lambda: Experiment(title="DPO family"))
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run_main(main))

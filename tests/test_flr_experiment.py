@@ -1,6 +1,6 @@
 """experiments/flr.py's command line: the shared experiment flags (alignshift.cli) on the
 FLRExperimentConfig (with its ``flr:`` section), --dry-run, and the per-seed --resume. Nothing
-is trained here: run_seed is replaced by a stub where main() runs."""
+is trained here: the driver's run_seed is replaced by a stub where main() runs."""
 
 import importlib.util
 import json
@@ -8,6 +8,10 @@ import os
 import sys
 
 import pytest
+
+from alignshift.config import to_dict
+from alignshift.eval.report import write_json_atomic
+from alignshift.experiment import driver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "flr.yaml")
@@ -71,17 +75,17 @@ def test_dry_run(capsys):
 
 
 def _fake_run_seed(calls):
-    def run_seed(cfg, seed, out, writer):
+    def run_seed(cfg, seed, out, writer, experiment):
         calls.append(seed)
         writer.write({"seed": seed, "phase": "preference", "method": "dpo (FLR-mined)", "step": 5, "loss": 0.5})
         methods = {"SFT (reference)": {"quality": 0.1, "win_rate_vs_sft": 0.5}, "dpo (FLR-mined)":
                    {"quality": 0.2 + seed, "win_rate_vs_sft": 0.6}}
         rm = {"FLR": {"pair_acc": 0.7, "pearson": 0.3, "spearman": 0.2}, "Direct": {"pair_acc": 0.5 + seed / 10,
                                                                                     "pearson": 0.1, "spearman": 0.1}}
-        summary = {"scenario": "followup", "seed": seed, "methods": methods, "config": flr_exp.to_dict(cfg),
-                   "timing": {"total_s": 1.0}, "mined_reward_correlation": {"flr": 0.4}}
-        flr_exp.write_json_atomic(os.path.join(out, f"seed_{seed}", "summary.json"), {**summary, "reward_models": rm})
-        return summary, {"scenario": "followup", "seed": seed, "methods": rm, "config": {}}
+        summary = {"scenario": "followup", "seed": seed, "methods": methods, "config": to_dict(cfg),
+                   "timing": {"total_s": 1.0}, "mined_reward_correlation": {"flr": 0.4}, "reward_models": rm}
+        write_json_atomic(os.path.join(out, f"seed_{seed}", "summary.json"), summary)
+        return summary
 
     return run_seed
 
@@ -92,7 +96,7 @@ def _records(out):
 
 def test_resume_reuses_finished_seeds(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(flr_exp, "run_seed", _fake_run_seed(calls))
+    monkeypatch.setattr(driver, "run_seed", _fake_run_seed(calls))
     argv = ["--config", CONFIG, "--quick", "--seeds", "3", "--out", str(tmp_path)]
     first = flr_exp.main(argv)
     assert calls == [0, 1, 2] and first["n_seeds"] == 3
@@ -111,7 +115,7 @@ def test_resume_reuses_finished_seeds(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_another_config(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(flr_exp, "run_seed", _fake_run_seed([]))
+    monkeypatch.setattr(driver, "run_seed", _fake_run_seed([]))
     flr_exp.main(["--config", CONFIG, "--quick", "--seeds", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
         flr_exp.main(["--config", CONFIG, "--quick", "--seeds", "1", "--out", str(tmp_path), "--resume",

@@ -152,8 +152,9 @@ def test_trainer_runs_an_hf_model_via_config(hf_folder):
     from alignshift.config import MethodConfig, load_config
     from alignshift.data import BatchIterator, encode_pairs, make_scenario
     from alignshift.train.optim import make_optimizer
-    from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps
-    from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
+    from alignshift.train.phases import build_policy, objective_for, precompute_reference_logps
+    from alignshift.forward import make_logits_fn, split_model
+    from alignshift.train.steps import init_state, make_preference_step
 
     d, _ = hf_folder
     if not d.name.startswith(("llama", "gpt_neox")):

@@ -51,8 +51,9 @@ def _worker(out_path: str) -> None:
     )
     from alignshift.train.checkpoint import Checkpointer
     from alignshift.train.optim import make_optimizer
-    from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps
-    from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
+    from alignshift.train.phases import build_policy, objective_for, precompute_reference_logps
+    from alignshift.forward import make_logits_fn, split_model
+    from alignshift.train.steps import init_state, make_preference_step
 
     report: dict = {"n_devices": jax.device_count(), "checks": {}}
 

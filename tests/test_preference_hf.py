@@ -5,6 +5,7 @@ DoRA on the candidates layout (K = 4, classifier probs and source ids -> source 
 import json
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -151,6 +152,38 @@ def test_bad_and_over_long_rows_are_errors_naming_row_and_field(tmp_path):
         preference_hf.main(["--config", path, "--out", str(tmp_path / "o")])
 
 
+def _script(*argv):
+    """experiments/preference_hf.py as a user runs it: a fresh process, its exit status and stderr."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "preference_hf.py"), *argv],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def _error_lines(proc):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_data_errors_are_one_error_line_and_exit_2(tmp_path):
+    """A malformed JSON line in the data file, or a data path that does not exist: ONE line
+    ``error: ...`` naming the file (and line) on stderr, exit status 2, no traceback."""
+    data = _data(tmp_path)
+    with open(os.path.join(data, "train.jsonl"), "a") as f:
+        f.write('{"prompt": "how is it", "chosen": "good"\n')  # line 49: not valid JSON
+    path = _config(tmp_path, data)
+    line = _error_lines(_script("--config", path, "--out", str(tmp_path / "o")))
+    assert "train.jsonl line 49: not valid JSON" in line
+    cfg = yaml.safe_load(open(path))
+    cfg["data"]["dataset_source"] = str(tmp_path / "missing.jsonl")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump(cfg))
+    line = _error_lines(_script("--config", str(missing), "--out", str(tmp_path / "o")))
+    assert "missing.jsonl" in line and "does not exist" in line
+
+
 def test_more_than_one_seed_is_refused(tmp_path, capsys):
     import preference_hf
 
@@ -206,7 +239,7 @@ def _dora_config(tmp_path, data_dir, **kwargs):
 
 
 def test_source_columns_from_candidates_probs_and_source_ids(tmp_path):
-    from preference_hf import source_columns, split_source_kwargs
+    from alignshift.experiment.preference_hf import source_columns, split_source_kwargs
 
     from alignshift.config import ConfigError, load_config
     from alignshift.data.datasets import load_dataset_splits
@@ -253,17 +286,17 @@ def test_source_columns_from_candidates_probs_and_source_ids(tmp_path):
 def test_dora_on_candidates_file_end_to_end(tmp_path, monkeypatch):
     import preference_hf
 
-    from alignshift.train import runner
+    from alignshift.train import phases
 
     data, rows = _candidates_data(tmp_path)
     seen = {}
-    real = runner.run_preference
+    real = phases.run_preference
 
     def spy(graphdef, rest, ref_params, arrays, method, *a, **kw):
         seen[method.name] = {k: np.asarray(v) for k, v in arrays.items()}
         return real(graphdef, rest, ref_params, arrays, method, *a, **kw)
 
-    monkeypatch.setattr(runner, "run_preference", spy)
+    monkeypatch.setattr(phases, "run_preference", spy)
     out = tmp_path / "out"
     preference_hf.main(["--config", _dora_config(tmp_path, data), "--out", str(out)])
     s = json.loads((out / "summary.json").read_text())

@@ -14,8 +14,8 @@ from alignshift.config import load_config
 from alignshift.data import encode_pairs, make_scenario
 from alignshift.train import ref_cache as rc
 from alignshift.train.ref_cache import ReferenceCacheWarning, ReferenceLogpCache, cache_key, key_components
-from alignshift.train.runner import build_policy, precompute_reference_logps
-from alignshift.train.steps import make_logits_fn, split_model
+from alignshift.train.phases import build_policy, precompute_reference_logps
+from alignshift.forward import make_logits_fn, split_model
 
 REF_KEYS = ["reference_chosen_logps", "reference_kl_logps", "reference_rejected_logps"]
 

@@ -209,18 +209,20 @@ def demo_runs(demo_cfg, tmp_path_factory):
     (as written to metrics.jsonl), final params and the context."""
     import dataclasses
 
-    import alignshift.train.runner as runner
-    from alignshift.train.pipeline import DeployEvaluator, prepare_seed, train_method
+    from alignshift.experiment.driver import Experiment, prepare_seed, train_method
+    from alignshift.experiment.evaluators import DeployEvaluator
+    from alignshift.train import phases
 
     cfg = demo_cfg
     method = cfg.methods[0]
     assert method.name == "dpo"
-    real = runner.make_preference_step
+    real = phases.make_preference_step
     mp = pytest.MonkeyPatch()
     out_a, out_b = tmp_path_factory.mktemp("run_a"), tmp_path_factory.mktemp("run_b")
     wa = JsonlWriter(str(out_a / "metrics.jsonl"), static={"scenario": cfg.data.scenario})
     ctx = prepare_seed(cfg, cfg.seed, str(out_a), wa)
     ev = DeployEvaluator()
+    run_of = Experiment(ev).method_run
 
     def run(ctx, out, kill_at=None):
         if kill_at is not None:
@@ -235,12 +237,12 @@ def demo_runs(demo_cfg, tmp_path_factory):
                         os.kill(os.getpid(), signal.SIGTERM)
                     return out
                 return killer
-            mp.setattr(runner, "make_preference_step", make)
+            mp.setattr(phases, "make_preference_step", make)
             with pytest.raises(Preempted) as ei:
-                train_method(ctx, method, eval_fn=ev.during_training(ctx, runner.objective_for(method)))
+                train_method(ctx, run_of(ctx, method), eval_fn=ev.during_training(ctx, phases.objective_for(method)))
             assert ei.value.step == kill_at
-            mp.setattr(runner, "make_preference_step", real)
-        params, _ = train_method(ctx, method, eval_fn=ev.during_training(ctx, runner.objective_for(method)))
+            mp.setattr(phases, "make_preference_step", real)
+        params, _ = train_method(ctx, run_of(ctx, method), eval_fn=ev.during_training(ctx, phases.objective_for(method)))
         ctx.writer.close()
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return [r for r in recs if r.get("phase") == "preference"], recs, params
@@ -270,7 +272,7 @@ def test_preference_step_does_not_apply_nonfinite_steps(demo_runs):
     """The real jitted preference step (DPO, precomputed reference): a NaN reference gives NaN
     loss and gradient, a +inf one an infinite loss with a FINITE gradient (only the loss passed
     to the optimiser as ``value`` can tell); neither step changes params or Adam state."""
-    from alignshift.train.runner import objective_for
+    from alignshift.train.phases import objective_for
     from alignshift.train.steps import init_state, make_preference_step
 
     ctx = demo_runs[-2]
@@ -407,7 +409,7 @@ def test_pipeline_skips_bad_rows_only_when_asked(monkeypatch):
 
     from alignshift.data import make_scenario
     from alignshift.data.schema import DataError, PreferenceExample
-    from alignshift.train.pipeline import clean_splits
+    from alignshift.data.cleaning import clean_splits
 
     data = make_scenario("deploy_shift", seed=0, n_train=16, n_test=4, n_sft=8)
     train = list(data.train)

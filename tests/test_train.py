@@ -14,9 +14,10 @@ from alignshift.train.loop import train_loop
 from alignshift.train.metrics import JsonlWriter
 from alignshift.train.optim import make_optimizer
 from alignshift.data.chat import LengthBucketIterator
-from alignshift.train import runner
-from alignshift.train.runner import build_policy, objective_for, precompute_reference_logps, run_sft
-from alignshift.train.steps import init_state, make_logits_fn, make_preference_step, split_model
+from alignshift.train import phases
+from alignshift.train.phases import build_policy, objective_for, precompute_reference_logps, run_sft
+from alignshift.forward import make_logits_fn, split_model
+from alignshift.train.steps import init_state, make_preference_step
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_length_bucket_preference_run_trims_and_resumes_bit_identically(setup, t
     cfg_lb = dataclasses.replace(cfg, train=lb)
     m = MethodConfig()
 
-    it = runner.preference_iterator(arrays, cfg.train.batch_size, seed=0, length_bucket=4)
+    it = phases.preference_iterator(arrays, cfg.train.batch_size, seed=0, length_bucket=4)
     assert isinstance(it, LengthBucketIterator)
     for s in range(it.steps_per_epoch):
         b, idx = it.batch_at(s), it.indices_at(s)
@@ -142,10 +143,10 @@ def test_length_bucket_preference_run_trims_and_resumes_bit_identically(setup, t
         assert w % 4 == 0 and w < full_width
         # only padding is cut: every real token of the batch is still there
         assert b["chosen_attention_mask"].sum() == arrays["chosen_attention_mask"][idx].sum()
-    assert type(runner.preference_iterator(arrays, 8, seed=0)) is BatchIterator  # 0 = off
+    assert type(phases.preference_iterator(arrays, 8, seed=0)) is BatchIterator  # 0 = off
 
     widths = []
-    make_step = runner.make_preference_step
+    make_step = phases.make_preference_step
 
     def spy(*a, **k):
         real = make_step(*a, **k)
@@ -155,8 +156,8 @@ def test_length_bucket_preference_run_trims_and_resumes_bit_identically(setup, t
             return real(state, batch, *args, **kw)
         return step
 
-    monkeypatch.setattr(runner, "make_preference_step", spy)
-    _, full = runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_lb, seed=0,
+    monkeypatch.setattr(phases, "make_preference_step", spy)
+    _, full = phases.run_preference(graphdef, rest, ref_params, arrays, m, cfg_lb, seed=0,
                                     checkpoint_dir=str(tmp_path / "full"))
     assert len(widths) == 10 and all(w < full_width for ws in widths for w in ws.values())
     assert len({ws["chosen_input_ids"] for ws in widths}) > 1  # several bucket widths were used
@@ -179,7 +180,7 @@ def test_length_bucket_preference_run_trims_and_resumes_bit_identically(setup, t
     ckdir = str(tmp_path / "ck")
     cfg_crash = dataclasses.replace(cfg_lb, train=dataclasses.replace(lb, eval_every=1))
     with pytest.raises(Crash):
-        runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_crash, seed=0, checkpoint_dir=ckdir,
+        phases.run_preference(graphdef, rest, ref_params, arrays, m, cfg_crash, seed=0, checkpoint_dir=ckdir,
                               eval_fn=crash)
     ck = Checkpointer(ckdir)
     assert ck.latest_step() == 6
@@ -187,8 +188,8 @@ def test_length_bucket_preference_run_trims_and_resumes_bit_identically(setup, t
     # the checkpoint records the bucket: resuming it without bucketing is refused
     cfg_off = dataclasses.replace(cfg_lb, train=dataclasses.replace(lb, length_bucket=0))
     with pytest.raises(ValueError, match="length_bucket=4"):
-        runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_off, seed=0, checkpoint_dir=ckdir)
-    _, resumed = runner.run_preference(graphdef, rest, ref_params, arrays, m, cfg_lb, seed=0, checkpoint_dir=ckdir)
+        phases.run_preference(graphdef, rest, ref_params, arrays, m, cfg_off, seed=0, checkpoint_dir=ckdir)
+    _, resumed = phases.run_preference(graphdef, rest, ref_params, arrays, m, cfg_lb, seed=0, checkpoint_dir=ckdir)
     assert [r["step"] for r in resumed] == [7, 8, 9, 10]
     assert [r["loss"] for r in resumed] == losses[6:]  # bit-identical
 

@@ -250,7 +250,8 @@ def run_feedback_sft(model, tokenizer, examples: Sequence[tuple[str, str, str]],
     from alignshift.data.loader import BatchIterator
     from alignshift.train.loop import train_loop
     from alignshift.train.optim import make_optimizer
-    from alignshift.train.steps import init_state, make_sft_step, split_model
+    from alignshift.forward import split_model
+    from alignshift.train.steps import init_state, make_sft_step
 
     arrays = feedback_sft_arrays(tokenizer, examples, max_len=max_len)
     graphdef, params, rest = split_model(model)

@@ -1,7 +1,7 @@
 """On-disk cache of precomputed reference log-probs, reused across runs and methods.
 
 The frozen reference policy's per-sequence log-probs (``reference_{g}_logps [N]``, see
-:func:`alignshift.train.runner.precompute_reference_logps`) depend only on (a) the token
+:func:`alignshift.train.phases.precompute_reference_logps`) depend only on (a) the token
 arrays, (b) the reference weights and (c) a few settings that are not visible in either
 (tokenizer, max lengths, chat template, model architecture hyper-parameters such as
 ``rope_theta``/``rms_norm_eps``, dtype, library version...). :func:`cache_key` hashes all three;

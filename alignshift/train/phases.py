@@ -1,5 +1,9 @@
-"""Building blocks an experiment composes: build the policy, SFT it, precompute reference
-log-probs, and run one preference method from the reference.
+"""The training phases an experiment composes, in the order it runs them: build the policy
+(:func:`build_policy`, :func:`add_lora`), the SFT phase (:func:`run_sft`), the reference
+precompute (:func:`precompute_reference_logps`) and the preference phase of one method
+(:func:`run_preference`, :func:`objective_for`, :func:`preference_iterator`). Each phase runs
+its steps with :func:`alignshift.train.loop.train_loop`; the seed loop over phases and methods
+is :mod:`alignshift.experiment.driver`.
 
 Side effects (files) are limited to the ``writer`` and the checkpoint directory passed in.
 """
@@ -22,16 +26,12 @@ from alignshift.train.checkpoint import Checkpointer
 from alignshift.train.loop import train_loop
 from alignshift.train.metrics import JsonlWriter
 from alignshift.train.optim import make_optimizer
-from alignshift.train.steps import (
-    batch_sequence_logps,
-    init_state,
-    make_preference_step,
-    make_sft_step,
-    split_model,
-)
+from alignshift.forward import batch_sequence_logps, map_batches, split_model
+from alignshift.train.steps import init_state, make_preference_step, make_sft_step
 
 __all__ = [
     "build_policy",
+    "add_lora",
     "objective_for",
     "run_sft",
     "precompute_reference_logps",
@@ -139,15 +139,9 @@ def precompute_reference_logps(
     for g in groups:
         if f"{g}_input_ids" not in arrays:
             continue
-        ids, am, lm = (arrays[f"{g}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
-        n = ids.shape[0]
-        chunks = []
-        for a in range(0, n, batch_size):
-            sl = slice(a, min(a + batch_size, n))
-            pad = batch_size - (sl.stop - sl.start)
-            padded = [np.pad(x[sl], ((0, pad), (0, 0))) for x in (ids, am, lm)]
-            chunks.append(np.asarray(fn(ref_params, *padded))[: sl.stop - sl.start])
-        out[f"reference_{g}_logps"] = np.concatenate(chunks).astype(np.float32)
+        cols = [arrays[f"{g}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")]
+        logps = map_batches(lambda p, b: fn(p, *b), cols, batch_size=batch_size, args=(ref_params,))
+        out[f"reference_{g}_logps"] = logps.astype(np.float32)
     return out
 
 
