@@ -174,6 +174,9 @@ class MethodConfig:
     # per-example data weights (multiplied into any rule): "" none, or "true_density_ratio"
     # (the benchmark's known p_deploy/p_train per example: the ceiling for importance weighting)
     example_weights: str = ""
+    # how the train step takes the penalty's parameter gradient, {mode, fd_eps, pairs}: a training
+    # setting, not a hyper-parameter (alignshift.losses.penalties.PenaltyGradient; default exact)
+    penalty_gradient: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -408,6 +411,7 @@ def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozense
     user set (file or overrides), for checks that only apply to an explicit request."""
     from alignshift.losses.hparams import HParamError
     from alignshift.losses.objective import BASE_LOSSES, make_objective
+    from alignshift.losses.penalties import PenaltyGradient
     from alignshift.losses.weighting import WEIGHTING_RULES
 
     names = [m.name for m in cfg.methods]
@@ -429,6 +433,13 @@ def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozense
         if m.train_data not in TRAIN_DATA_CHOICES:
             raise ConfigError(f"config key 'methods.{i}.train_data' must be one of {TRAIN_DATA_CHOICES}; "
                               f"got {m.train_data!r}")
+        try:
+            gradient = PenaltyGradient.from_dict(m.penalty_gradient)
+        except ValueError as e:
+            raise ConfigError(f"config key 'methods.{i}.penalty_gradient' ({m.name}): {e}") from None
+        if gradient.first_order and m.penalty is None:
+            raise ConfigError(f"config key 'methods.{i}.penalty_gradient' ({m.name}) asks for mode "
+                              f"{gradient.mode!r}, but the method has no penalty")
     for key in ("sft.steps", "train.steps", "sft.batch_size", "train.batch_size", "seeds"):
         obj = cfg
         for p in key.split("."):

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from alignshift.config import MethodConfig, load_config
+from alignshift.losses.penalties import PenaltyGradient
 from alignshift.data import BatchIterator, encode_pairs, make_scenario
 from alignshift.train.optim import make_optimizer
 from alignshift.train.phases import build_policy, objective_for, precompute_reference_logps
@@ -36,13 +37,17 @@ OBJECTIVES = {
     "dora": MethodConfig(name="dora", weighting="dora", weighting_kwargs={"lam": 1.0, "alpha": 0.25}),
     "wdpo": MethodConfig(name="wdpo", penalty="wdpo", penalty_kwargs={"rho": 0.01}),
     "wdpo_fwd": MethodConfig(name="wdpo_fwd", penalty="wdpo",
-                             penalty_kwargs={"rho": 0.01, "gradient": "forward_over_reverse"}),
-    "wdpo_fd": MethodConfig(name="wdpo_fd", penalty="wdpo", penalty_kwargs={"rho": 0.01, "gradient": "finite_difference"}),
+                             penalty_kwargs={"rho": 0.01},
+                             penalty_gradient={"mode": "forward_over_reverse"}),
+    "wdpo_fd": MethodConfig(name="wdpo_fd", penalty="wdpo", penalty_kwargs={"rho": 0.01},
+                            penalty_gradient={"mode": "finite_difference"}),
     # the penalty's gradient from 8 of the 32 pairs per step (unbiased; central difference)
     "wdpo_fd_m8": MethodConfig(name="wdpo_fd_m8", penalty="wdpo",
-                               penalty_kwargs={"rho": 0.01, "gradient": "finite_difference", "pairs": 8}),
+                               penalty_kwargs={"rho": 0.01},
+                               penalty_gradient={"mode": "finite_difference", "pairs": 8}),
     "wdpo_fd_m4": MethodConfig(name="wdpo_fd_m4", penalty="wdpo",
-                               penalty_kwargs={"rho": 0.01, "gradient": "finite_difference", "pairs": 4}),
+                               penalty_kwargs={"rho": 0.01},
+                               penalty_gradient={"mode": "finite_difference", "pairs": 4}),
 }
 
 
@@ -84,7 +89,7 @@ def main():
         it = iter(BatchIterator({k: arrays[k] for k in keys}, cfg.train.batch_size, seed=0))
         vit = iter(BatchIterator({k: val[k] for k in keys}, min(a.val_batch, len(data.val)), seed=1)) \
             if obj.needs_val else None
-        step = make_preference_step(g, rest, tx, obj)
+        step = make_preference_step(g, rest, tx, obj, penalty_gradient=PenaltyGradient.from_dict(m.penalty_gradient))
         state = init_state(copy(params), tx)
         for _ in range(3):  # compile + warm up
             state, mets = step(state, next(it), None, next(vit) if vit else None)

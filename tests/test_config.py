@@ -25,6 +25,9 @@ def test_defaults_and_overrides():
         ("train.length_bucket=-1", r"'train.length_bucket' must be >= 0"),
         ("train.length_bucket=1.5", r"'train.length_bucket' must be an int"),
         ("noequals", r"key=value"),
+        ("methods.0.penalty_gradient={mode: fd}", r"'methods.0.penalty_gradient'.*unknown penalty gradient mode"),
+        ("methods.0.penalty_gradient={mode: finite_difference}", r"'methods.0.penalty_gradient'.*has no penalty"),
+        ("methods.0.penalty_gradient={pairs: 2}", r"'methods.0.penalty_gradient'.*needs mode="),
     ],
 )
 def test_bad_config_names_the_key(override, msg):

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from alignshift.losses import make_objective
+from alignshift.losses.penalties import PenaltyGradient
 from alignshift.models import LlamaConfig, LlamaForCausalLM
 from alignshift.forward import split_model
 from alignshift.train.steps import init_state, make_preference_step
@@ -151,15 +152,15 @@ def test_bad_penalty_config():
 @pytest.mark.parametrize("mode,tol", [("forward_over_reverse", 1e-4), ("finite_difference", 2e-2)])
 @pytest.mark.parametrize("kind", ["squared_mean", "sqrt_mean"])
 def test_first_order_gradient_matches_exact(tiny, kind, mode, tol):
-    """gradient='forward_over_reverse' (jvp of the gradient) = double back-propagation to
-    rounding; 'finite_difference' (two first-order passes, default fd_eps) to O(fd_eps)."""
+    """PenaltyGradient mode 'forward_over_reverse' (jvp of the gradient) = double back-propagation
+    to rounding; 'finite_difference' (two first-order passes, default fd_eps) to O(fd_eps)."""
     g, params, rest, batch = tiny
     tx = optax.sgd(1.0)
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
     kw = {"rho": 0.5, "penalty": kind}
     exact = make_preference_step(g, rest, tx, make_objective("dpo", penalty="wdpo", penalty_kwargs=kw))
-    fd = make_preference_step(g, rest, tx, make_objective(
-        "dpo", penalty="wdpo", penalty_kwargs={**kw, "gradient": mode}))
+    fd = make_preference_step(g, rest, tx, make_objective("dpo", penalty="wdpo", penalty_kwargs=kw),
+                              penalty_gradient=PenaltyGradient(mode))
     plain = make_preference_step(g, rest, tx, make_objective("dpo"))
     upd = {}
     for name, step in (("exact", exact), ("fd", fd), ("plain", plain)):
@@ -178,30 +179,39 @@ def test_first_order_gradient_matches_exact(tiny, kind, mode, tol):
 def test_first_order_modes_need_plain_mean(tiny):
     g, params, rest, batch = tiny
     tx = optax.sgd(0.1)
-    obj = make_objective("dpo", weighting="kl_dro", penalty="wdpo", penalty_kwargs={"gradient": "finite_difference"})
+    obj = make_objective("dpo", weighting="kl_dro", penalty="wdpo")
     with pytest.raises(ValueError, match="finite_difference.*uniform"):
-        make_preference_step(g, rest, tx, obj)(init_state(params, tx), batch)
+        make_preference_step(g, rest, tx, obj, penalty_gradient=PenaltyGradient("finite_difference"))(
+            init_state(params, tx), batch)
     with pytest.raises(ValueError, match="gradient mode"):
-        make_objective("dpo", penalty="wdpo", penalty_kwargs={"gradient": "fd"})
+        PenaltyGradient("fd")
+    # a first-order mode needs a penalty that has one
+    with pytest.raises(ValueError, match="needs a penalty with a first-order gradient"):
+        make_preference_step(g, rest, tx, make_objective("dpo"), penalty_gradient=PenaltyGradient("finite_difference"))
+    # the old spelling (a hyper-parameter of the penalty) points at the training setting
+    with pytest.raises(ValueError, match="training setting.*penalty_gradient"):
+        make_objective("dpo", penalty="wdpo", penalty_kwargs={"gradient": "finite_difference"})
 
 
 @pytest.mark.parametrize("mode", ["finite_difference", "forward_over_reverse"])
 def test_subsampled_penalty_gradient_is_unbiased(tiny, mode):
-    """penalty_kwargs pairs=m: the penalty's parameter gradient from m of the n pairs per step,
+    """PenaltyGradient pairs=m: the penalty's parameter gradient from m of the n pairs per step,
     scaled by n/m. Loss and penalty values stay exact; over many steps (different draws) the
     mean gradient equals the exact all-pairs gradient within its standard error, while single
     draws differ from it (the test can see a biased or unscaled estimate)."""
     from alignshift.train.wdpo import wdpo_first_order_grads
 
     g, params, rest, batch = tiny
-    kw = {"rho": 0.5, "penalty": "squared_mean", "gradient": mode}
+    kw = {"rho": 0.5, "penalty": "squared_mean"}
     flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)])  # noqa: E731
 
-    def grads_fn(obj):
-        return jax.jit(lambda p, b, s: wdpo_first_order_grads(g, rest, p, b, obj, s))
+    obj = make_objective("dpo", penalty="wdpo", penalty_kwargs=kw)
 
-    full = grads_fn(make_objective("dpo", penalty="wdpo", penalty_kwargs=kw))
-    sub = grads_fn(make_objective("dpo", penalty="wdpo", penalty_kwargs={**kw, "pairs": 2}))
+    def grads_fn(gradient):
+        return jax.jit(lambda p, b, s: wdpo_first_order_grads(g, rest, p, b, obj, s, gradient))
+
+    full = grads_fn(PenaltyGradient(mode))
+    sub = grads_fn(PenaltyGradient(mode, pairs=2))
     loss0, m0, g0 = full(params, batch, jnp.int32(0))
     exact = flat(g0)
     draws = []
@@ -220,7 +230,11 @@ def test_subsampled_penalty_gradient_is_unbiased(tiny, mode):
 
 
 def test_subsampled_penalty_argument_errors():
-    with pytest.raises(ValueError, match="needs gradient='finite_difference'"):
-        make_objective("dpo", penalty="wdpo", penalty_kwargs={"pairs": 2})
+    with pytest.raises(ValueError, match="needs mode='finite_difference'"):
+        PenaltyGradient(pairs=2)
     with pytest.raises(ValueError, match="pairs must be an int >= 0"):
-        make_objective("dpo", penalty="wdpo", penalty_kwargs={"pairs": -1, "gradient": "finite_difference"})
+        PenaltyGradient("finite_difference", pairs=-1)
+    with pytest.raises(ValueError, match="fd_eps must be a finite number > 0"):
+        PenaltyGradient("finite_difference", fd_eps=0.0)
+    with pytest.raises(ValueError, match="unknown key"):
+        PenaltyGradient.from_dict({"mode": "exact", "eps": 1e-3})

@@ -63,7 +63,7 @@ from alignshift.losses.hparams import NONNEGATIVE, POSITIVE, HParam, HParamError
 from alignshift.losses.listwise import lire_terms, plackett_luce_terms, rank_by_scores, rrhf_terms
 from alignshift.losses.logps import mean_logps
 from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
-from alignshift.losses.penalties import GRADIENT_MODES, PENALTIES, PENALTY_HPARAMS, PENALTY_KINDS, check_penalty_pairs
+from alignshift.losses.penalties import PENALTIES, PENALTY_HPARAMS, PENALTY_KINDS
 from alignshift.losses.reduction import reduce_losses, weight_stats
 from alignshift.losses.weighting import WEIGHTING_RULES
 
@@ -368,15 +368,17 @@ def make_objective(
     groups = [("base", base, base_kwargs), ("weighting", weighting, weighting_kwargs)]
     if penalty is not None:
         groups.append(("penalty", penalty, penalty_kwargs))
+    moved = sorted({"gradient", "fd_eps", "pairs"} & set(penalty_kwargs))
+    if penalty is not None and moved:
+        raise ValueError(f"penalty_kwargs {moved}: how the penalty's gradient is taken is a training setting, "
+                         "not a hyper-parameter: set it as the method's penalty_gradient {mode, fd_eps, pairs} "
+                         "(alignshift.losses.penalties.PenaltyGradient; make_preference_step(..., "
+                         "penalty_gradient=...))")
     for kind, name, kwargs in groups:  # unknown names first
         check_hparams(kind, name, kwargs, values=False)
     if penalty is not None:
         if penalty_kwargs.get("penalty", "squared_mean") not in PENALTY_KINDS:
             raise ValueError(f"penalty {penalty!r}: penalty_kwargs penalty= must be one of {PENALTY_KINDS}")
-        if penalty_kwargs.get("gradient", "exact") not in GRADIENT_MODES:
-            raise ValueError(f"penalty {penalty!r}: unknown WDPO gradient mode {penalty_kwargs['gradient']!r}; "
-                             f"choose one of {GRADIENT_MODES}")
-        check_penalty_pairs(penalty_kwargs.get("pairs", 0), penalty_kwargs.get("gradient", "exact"))
     elif penalty_kwargs:
         raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
     for kind, name, kwargs in groups:  # then each value's type and range (HParamError)

@@ -16,12 +16,14 @@ The caller differentiates the total with respect to the parameters *through* ``g
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from alignshift.losses.hparams import NONNEGATIVE, HParam
 
-__all__ = ["PENALTIES", "PENALTY_HPARAMS", "GRADIENT_MODES", "wdpo_pair_penalties", "wdpo_penalty"]
+__all__ = ["PENALTIES", "PENALTY_HPARAMS", "GRADIENT_MODES", "PenaltyGradient", "wdpo_pair_penalties", "wdpo_penalty"]
 
 PENALTY_KINDS = ("squared_mean", "sqrt_mean")
 
@@ -37,39 +39,61 @@ def wdpo_pair_penalties(embed_grads: jax.Array, n_pairs: int) -> jax.Array:
 GRADIENT_MODES = ("exact", "forward_over_reverse", "finite_difference")
 
 
-def check_penalty_pairs(pairs, gradient: str) -> None:
-    """``pairs`` must be an int >= 0, and > 0 only with a first-order gradient mode."""
-    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 0:
-        raise ValueError(f"WDPO pairs must be an int >= 0 (0 = all pairs), got {pairs!r}")
-    if pairs and gradient == "exact":
-        raise ValueError(f"WDPO pairs={pairs} (a subsampled penalty gradient) needs gradient='finite_difference' "
-                         "or 'forward_over_reverse', not 'exact'")
+@dataclasses.dataclass(frozen=True)
+class PenaltyGradient:
+    """How the train step takes a penalty's parameter gradient — a training setting (config key
+    ``methods.<i>.penalty_gradient``; ``make_preference_step(..., penalty_gradient=...)``), not a
+    hyper-parameter of the objective: it never changes the loss, only how its gradient is
+    computed. Validated here, the one place.
+
+    * ``mode="exact"`` — double back-propagation through the embedding gradient (the authors'
+      ``create_graph=True``);
+    * ``mode="forward_over_reverse"`` — the same gradient, exact, as a Jacobian-vector product
+      of the first-order gradient (one backward, then one forward-mode pass over it);
+    * ``mode="finite_difference"`` — two first-order passes,
+      ``∇θP ≈ [∇θΣL(e + εv) − ∇θΣL(e)]/ε`` with ``v = ∂P/∂g`` and ``‖εv‖ = fd_eps·‖e‖``;
+    * ``pairs = m > 0`` (first-order modes only): the penalty's parameter gradient from ``m``
+      pairs drawn uniformly without replacement each step, scaled ``n/m`` (unbiased, since
+      ``∇θP = Σ_i (∂g_i/∂θ)ᵀ v_i`` and ``v`` is exact from all pairs); the penalty's value
+      and the base loss's gradient stay exact over the batch.
+
+    See :func:`alignshift.train.wdpo.wdpo_first_order_grads`."""
+
+    mode: str = "exact"
+    fd_eps: float = 1e-4
+    pairs: int = 0
+
+    def __post_init__(self):
+        if self.mode not in GRADIENT_MODES:
+            raise ValueError(f"unknown penalty gradient mode {self.mode!r}; choose one of {GRADIENT_MODES}")
+        if isinstance(self.fd_eps, bool) or not isinstance(self.fd_eps, (int, float)) or not self.fd_eps > 0 \
+                or self.fd_eps == float("inf"):
+            raise ValueError(f"fd_eps must be a finite number > 0, got {self.fd_eps!r}")
+        if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 0:
+            raise ValueError(f"pairs must be an int >= 0 (0 = all pairs), got {self.pairs!r}")
+        if self.pairs and self.mode == "exact":
+            raise ValueError(f"pairs={self.pairs} (a subsampled penalty gradient) needs mode='finite_difference' "
+                             "or 'forward_over_reverse', not 'exact'")
+
+    @property
+    def first_order(self) -> bool:
+        """Whether the gradient comes from first-order passes instead of double backprop."""
+        return self.mode != "exact"
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PenaltyGradient":
+        d = dict(d or {})
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; allowed: ['fd_eps', 'mode', 'pairs']")
+        return cls(**d)
 
 
-def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, penalty: str = "squared_mean",
-                 gradient: str = "exact", fd_eps: float = 1e-4, pairs: int = 0):
-    """``(penalty scalar, P_i [n_pairs])`` — see the module docstring.
-
-    ``gradient`` and ``fd_eps`` do not change the value; the train step reads them to choose
-    how the penalty's parameter gradient is taken: ``"exact"`` (double back-propagation, the
-    authors' ``create_graph=True``), ``"forward_over_reverse"`` (the same gradient, exact, as a
-    Jacobian-vector product of the first-order gradient: one backward, then one
-    forward-mode pass over it) or ``"finite_difference"`` (two first-order passes,
-    ``∇θP ≈ [∇θΣL(e + εv) − ∇θΣL(e)]/ε`` with ``v = ∂P/∂g`` and ``‖εv‖ = fd_eps·‖e‖``; see
-    :func:`alignshift.train.steps.wdpo_first_order_grads`).
-
-    ``pairs = m > 0`` (first-order modes only): the penalty's *parameter gradient* is estimated
-    from ``m`` pairs drawn uniformly without replacement each step (``n/m`` times their
-    contribution: unbiased, since ``∇θP = Σ_i (∂g_i/∂θ)ᵀ v_i`` is a sum over pairs and ``v`` is
-    computed exactly from all pairs' ``g``); the second pass then runs on ``m`` pairs instead
-    of ``n``. The penalty's value and the base loss's gradient stay exact over the batch."""
+def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, penalty: str = "squared_mean"):
+    """``(penalty scalar, P_i [n_pairs])`` — see the module docstring. How the train step takes
+    this penalty's parameter gradient is a training setting, :class:`PenaltyGradient`."""
     if penalty not in PENALTY_KINDS:
         raise ValueError(f"unknown WDPO penalty {penalty!r}; choose one of {PENALTY_KINDS}")
-    if gradient not in GRADIENT_MODES:
-        raise ValueError(f"unknown WDPO gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
-    if not fd_eps > 0:
-        raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
-    check_penalty_pairs(pairs, gradient)
     p = wdpo_pair_penalties(embed_grads, n_pairs)
     m = p.mean()
     # sqrt with a safe gradient at 0 (all-zero gradients, e.g. a saturated batch)
@@ -80,14 +104,10 @@ def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, pen
 PENALTIES = {"wdpo": wdpo_penalty}
 
 # each penalty's hyper-parameters (penalty_kwargs), validated by alignshift.losses.objective.check_hparams;
-# ``penalty`` / ``gradient`` / ``pairs`` are further checked by make_objective (PENALTY_KINDS,
-# GRADIENT_MODES, check_penalty_pairs), ``fd_eps > 0`` by wdpo_penalty
+# ``penalty`` is further checked by make_objective (PENALTY_KINDS)
 PENALTY_HPARAMS = {
     "wdpo": (
         HParam("rho", 0.01, ("float",), NONNEGATIVE),
         HParam("penalty", "squared_mean", ("str",)),
-        HParam("gradient", "exact", ("str",)),
-        HParam("fd_eps", 1e-4, ("float",)),
-        HParam("pairs", 0, ("int",)),
     ),
 }

@@ -4,8 +4,9 @@ penalty), so the step itself never names a method.
 Each entry gives the objective's inputs together with the penalty's value
 (``terms(graphdef, rest, params, batch, objective, logits_fn) -> (inputs, penalty, pair_penalties)``),
 and, optionally, a first-order gradient to use instead of differentiating those terms
-(``grads(graphdef, rest, params, batch, objective, step) -> (loss, metrics, grads)``, when the
-objective's penalty settings ask for one).
+(``grads(graphdef, rest, params, batch, objective, step, gradient) -> (loss, metrics, grads)``),
+used when the training setting :class:`~alignshift.losses.penalties.PenaltyGradient` asks for a
+first-order mode.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from typing import Callable, NamedTuple
 
 from alignshift.forward import is_list_batch, policy_inputs
 from alignshift.losses import Objective
-from alignshift.train.wdpo import add_penalty, first_order, wdpo_first_order_grads, wdpo_inputs_and_penalty
+from alignshift.losses.penalties import PenaltyGradient
+from alignshift.train.wdpo import add_penalty, wdpo_first_order_grads, wdpo_inputs_and_penalty
 
 __all__ = ["PENALTY_TERMS", "PenaltyTerms", "add_penalty", "penalty_grads", "penalty_terms"]
 
 
 class PenaltyTerms(NamedTuple):
     terms: Callable
-    grads: Callable | None = None  # first-order gradient, used when ``use_grads(objective)``
-    use_grads: Callable[[Objective], bool] = lambda objective: False
+    grads: Callable | None = None  # a first-order gradient (PenaltyGradient modes other than "exact")
 
 
 def _no_penalty(graphdef, rest, params, batch, objective, logits_fn):
@@ -38,7 +39,7 @@ def _wdpo(graphdef, rest, params, batch, objective, logits_fn):
 
 PENALTY_TERMS: dict[str | None, PenaltyTerms] = {
     None: PenaltyTerms(_no_penalty),
-    "wdpo": PenaltyTerms(_wdpo, wdpo_first_order_grads, first_order),
+    "wdpo": PenaltyTerms(_wdpo, wdpo_first_order_grads),
 }
 
 
@@ -47,7 +48,16 @@ def penalty_terms(graphdef, rest, params, batch, objective: Objective, logits_fn
     return PENALTY_TERMS[objective.penalty].terms(graphdef, rest, params, batch, objective, logits_fn)
 
 
-def penalty_grads(objective: Objective) -> Callable | None:
-    """The objective's first-order gradient function, or None (differentiate the loss)."""
+def penalty_grads(objective: Objective, gradient: PenaltyGradient | None = None) -> Callable | None:
+    """``grads(graphdef, rest, params, batch, step) -> (loss, metrics, grads)`` for a first-order
+    ``gradient`` mode, or None (the step differentiates the loss: ``mode="exact"``)."""
+    gradient = gradient or PenaltyGradient()
+    if not gradient.first_order:
+        return None
     entry = PENALTY_TERMS[objective.penalty]
-    return entry.grads if entry.use_grads(objective) else None
+    if entry.grads is None:
+        raise ValueError(f"penalty gradient mode {gradient.mode!r} needs a penalty with a first-order gradient "
+                         f"({sorted(k for k, v in PENALTY_TERMS.items() if v.grads)}); the objective has penalty "
+                         f"{objective.penalty!r}")
+    return lambda graphdef, rest, params, batch, step: entry.grads(graphdef, rest, params, batch, objective, step,
+                                                                   gradient)

@@ -21,6 +21,7 @@ from flax import nnx
 from alignshift.config import ExperimentConfig, MethodConfig, ModelConfig
 from alignshift.data import BatchIterator, LengthBucketIterator, WordTokenizer, encode_completions
 from alignshift.losses import Objective, make_objective
+from alignshift.losses.penalties import PenaltyGradient
 from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
 from alignshift.train.checkpoint import Checkpointer
 from alignshift.train.loop import train_loop
@@ -192,7 +193,8 @@ def run_preference(
     # ``rest`` goes in as an argument, not a constant baked into the compiled step: under LoRA
     # it holds the frozen base weights (shardable, and never copied into the executable).
     step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=cfg.train.logits_chunk,
-                                response_window=response_window(cfg))
+                                response_window=response_window(cfg),
+                                penalty_gradient=PenaltyGradient.from_dict(method.penalty_gradient))
     step_fn = functools.partial(step, frozen=rest)
     keep = [k for k in train_arrays if not k.startswith("prompt_")]
     if not objective.needs_kl_completions:

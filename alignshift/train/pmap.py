@@ -229,13 +229,12 @@ def make_pmap_preference_step(
     module docstring for how each batch reduction is made global (collectives over
     ``axis_name`` for KTO's ``z₀``, ``kl_dro``, ``dr_dpo``; all-gathered per-example inputs
     for ``iw_dpo_l``/``iw_dpo_r`` and ``wpo``; ``pmean`` for WDPO's penalty) and which metrics
-    are not exactly global (``weights/ess`` on the per-device path).
+    are not exactly global (``weights/ess`` on the per-device path). WDPO's penalty gradient is
+    the exact (double-backprop) one here; its first-order modes
+    (:class:`~alignshift.losses.penalties.PenaltyGradient`) are a setting of the jit step.
     """
     if objective.penalty is not None and objective.penalty != "wdpo":
         raise NotImplementedError(f"penalty {objective.penalty!r} has no pmap reduction")
-    if objective.penalty_kwargs.get("gradient", "exact") != "exact":
-        raise NotImplementedError(f"WDPO gradient={objective.penalty_kwargs['gradient']!r} is implemented for the "
-                                  "jit step (alignshift.train.steps / a mesh), not the pmap step")
     devs = _devices(devices)
     n_dev = len(devs)
     obj, gather = pmap_objective(objective, axis_name)

@@ -20,6 +20,7 @@ import optax
 
 from alignshift.forward import attach_reference, batch_sequence_logps, make_logits_fn, validation_inputs
 from alignshift.losses import Objective
+from alignshift.losses.penalties import PenaltyGradient
 from alignshift.train.penalty import add_penalty, penalty_grads, penalty_terms
 
 __all__ = [
@@ -80,7 +81,7 @@ def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, 
 
 
 def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chunk: int = 0,
-                         response_window: int = 0) -> Callable:
+                         response_window: int = 0, penalty_gradient: PenaltyGradient | None = None) -> Callable:
     """``step(state, batch, ref_params=None, val_batch=None, frozen=None) -> (state, metrics)``.
 
     With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
@@ -104,6 +105,9 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
     that many positions per sequence, from the first response token on, instead of all ``T``
     (:class:`alignshift.forward.LogitsFn`; use ``data.max_completion_len``). Same loss; less work when prompts
     are a large part of the sequence.
+
+    ``penalty_gradient`` (:class:`~alignshift.losses.penalties.PenaltyGradient`, default exact):
+    how a penalty's parameter gradient is taken (WDPO: double backprop, or first-order passes).
     """
 
     def loss_fn(params, batch, val_batch, step, rest_):
@@ -116,9 +120,9 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, val_batch, step, rest_)
         return loss, metrics, grads
 
-    custom = penalty_grads(objective)  # a penalty's own first-order gradient (WDPO's modes), or None
+    custom = penalty_grads(objective, penalty_gradient)  # a penalty's first-order gradient, or None
     loss_and_grads = backprop if custom is None else (
-        lambda rest_, params, batch, val_batch, step: custom(graphdef, rest_, params, batch, objective, step))
+        lambda rest_, params, batch, val_batch, step: custom(graphdef, rest_, params, batch, step))
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None, frozen=None):

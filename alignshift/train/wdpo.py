@@ -4,11 +4,12 @@ three ways to take its parameter gradient.
 WDPO (Xu et al., NeurIPS 2025) adds ``ρ·mean_i ‖∂L_i/∂e_i‖²`` (or its square root) to the
 DPO loss, with ``e`` the input token embeddings (the pure penalty on given embedding gradients
 is :func:`alignshift.losses.penalties.wdpo_penalty`). Its parameter gradient differentiates
-through an embedding gradient; ``penalty_kwargs["gradient"]`` chooses how:
+through an embedding gradient; the training setting
+:class:`~alignshift.losses.penalties.PenaltyGradient` chooses how:
 
-* ``"exact"`` — double back-propagation (:func:`wdpo_inputs_and_penalty`, differentiated by
+* ``mode="exact"`` — double back-propagation (:func:`wdpo_inputs_and_penalty`, differentiated by
   the step's ``value_and_grad``), as the authors' ``create_graph=True``;
-* ``"forward_over_reverse"`` / ``"finite_difference"`` (optionally on ``pairs`` pairs) —
+* ``mode="forward_over_reverse"`` / ``"finite_difference"`` (optionally on ``pairs`` pairs) —
   first-order passes only (:func:`wdpo_first_order_grads`).
 """
 
@@ -28,14 +29,9 @@ from alignshift.forward import (
 )
 from alignshift.losses import Objective, sequence_logps
 from alignshift.losses.logps import sequence_logps_wpo
-from alignshift.losses.penalties import PENALTIES
+from alignshift.losses.penalties import PENALTIES, PenaltyGradient
 
-__all__ = ["add_penalty", "first_order", "wdpo_first_order_grads", "wdpo_inputs_and_penalty"]
-
-
-def first_order(objective: Objective) -> bool:
-    """Whether the penalty's gradient is taken by first-order passes (not double backprop)."""
-    return objective.penalty_kwargs.get("gradient", "exact") != "exact"
+__all__ = ["add_penalty", "wdpo_first_order_grads", "wdpo_inputs_and_penalty"]
 
 
 def wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective: Objective, ref_params=None):
@@ -62,14 +58,15 @@ def wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective: Objective,
     return inputs, penalty, p
 
 
-def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, step):
+def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, step,
+                           gradient: PenaltyGradient):
     """WDPO's loss, metrics and parameter gradient WITHOUT reverse-over-reverse differentiation.
 
     With ``S(θ, δ) = Σ_i L_i(θ, e(θ) + δ)`` and ``g = ∂S/∂δ`` at ``δ = 0`` (the per-pair
     embedding gradients), the penalty's gradient is ``∇θP = (∂g/∂θ)ᵀ v`` with ``v = ∂P/∂g``:
     the derivative of ``∇θS(θ, δ)`` in the direction ``δ = v``. Pass 1 gives ``∇θS(0)`` and
     ``g`` from one backward (gradients w.r.t. θ and δ together); pass 2 takes the directional
-    derivative, by ``penalty_kwargs["gradient"]``:
+    derivative, by ``gradient.mode``:
 
     * ``"forward_over_reverse"`` — exactly, as ``jax.jvp`` of ``δ ↦ ∇θS(θ, δ)`` along ``v``
       (a Hessian-vector product; equal to the double-backprop gradient up to rounding);
@@ -77,7 +74,7 @@ def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, 
       more first-order pass; truncation error O(fd_eps) relative on the penalty's part of the
       gradient (measured: 3% at ``fd_eps = 1e-3``, 0.3% at ``1e-4`` on the test model).
 
-    With ``penalty_kwargs["pairs"] = m > 0`` pass 2 runs on ``m`` pairs drawn each step (a
+    With ``gradient.pairs = m > 0`` pass 2 runs on ``m`` pairs drawn each step (a
     permutation keyed by the step counter, so a resumed run draws the same pairs) and the
     directional derivative is a central difference ``[∇θS_m(εv) − ∇θS_m(−εv)]/2ε`` (or the
     jvp) on those pairs, scaled by ``n/m``: an unbiased estimate of the penalty's gradient
@@ -87,15 +84,15 @@ def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, 
     completions); reference log-probs must already be in ``batch`` (:func:`attach_reference`).
     Returns ``(loss, metrics, grads)``."""
     kw = objective.penalty_kwargs
-    mode = kw.get("gradient", "exact")
+    mode = gradient.mode
     if objective.weighting != "uniform" or "kl_completions" in objective.requires or "weight" in batch:
-        raise ValueError(f"WDPO gradient={mode!r} needs the plain mean objective (weighting 'uniform', "
+        raise ValueError(f"WDPO penalty gradient mode={mode!r} needs the plain mean objective (weighting 'uniform', "
                          f"no 'weight' column, no KL completions); got weighting {objective.weighting!r}, "
-                         f"base {objective.base!r}; use gradient='exact'")
+                         f"base {objective.base!r}; use mode='exact'")
     pen_fn = PENALTIES[objective.penalty]
     groups = sequence_groups(objective)
     n = batch[f"{groups[0]}_input_ids"].shape[0]
-    m = int(kw.get("pairs", 0) or 0)
+    m = gradient.pairs
     if m >= n:
         m = 0  # all pairs: the exact one-sided scheme below
 
@@ -129,7 +126,7 @@ def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, 
         if mode == "forward_over_reverse":
             hvp = jax.jvp(grad_m, (jnp.zeros_like(e_m),), (v_m,))[1]
         else:
-            eps = kw.get("fd_eps", 1e-4) * norm(e_m) / jnp.maximum(norm(v_m), 1e-30)
+            eps = gradient.fd_eps * norm(e_m) / jnp.maximum(norm(v_m), 1e-30)
             gp, gm = grad_m((eps * v_m).astype(e0.dtype)), grad_m((-eps * v_m).astype(e0.dtype))
             hvp = jax.tree_util.tree_map(lambda a, b: (a - b) / (2 * eps), gp, gm)
         hvp = jax.tree_util.tree_map(lambda h: h * (n / m), hvp)
@@ -138,7 +135,7 @@ def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, 
         if mode == "forward_over_reverse":
             hvp = jax.jvp(grad_theta, (jnp.zeros_like(e0),), (v,))[1]
         else:
-            eps = kw.get("fd_eps", 1e-4) * norm(e0) / jnp.maximum(norm(v), 1e-30)
+            eps = gradient.fd_eps * norm(e0) / jnp.maximum(norm(v), 1e-30)
             g2 = grad_theta((eps * v).astype(e0.dtype))
             hvp = jax.tree_util.tree_map(lambda a, b: (b - a) / eps, g_theta, g2)
     inputs["step"] = step
