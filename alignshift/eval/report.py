@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
+
+from alignshift.io import atomic_path, atomic_write
 
 __all__ = ["write_json_atomic", "save_figure_atomic", "aggregate_seeds", "format_table", "plot_training_curves", "read_jsonl"]
 
 
 def write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -82,16 +73,11 @@ def save_figure_atomic(fig, path: str, *, dpi: int = 110) -> None:
     """Save a matplotlib figure via a temp file + rename (never a half-written PNG), then close it."""
     import matplotlib.pyplot as plt
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_training_curves(

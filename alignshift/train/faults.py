@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 from typing import Mapping
 
 import numpy as np
+
+from alignshift.io import atomic_write
 
 __all__ = ["NonFiniteError", "Preempted", "FaultCounter", "PreemptionHandler", "dump_batch", "load_batch_dump"]
 
@@ -89,19 +90,10 @@ def dump_batch(directory: str, step: int, batch: Mapping[str, np.ndarray], *, in
     atomically (temporary file in the same directory, then ``os.replace``); returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"nonfinite_batch_step{int(step)}.npz")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arrays = {k: np.asarray(v) for k, v in batch.items()}
-            arrays["__info__"] = np.asarray(json.dumps(info or {}, default=str))
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    arrays["__info__"] = np.asarray(json.dumps(info or {}, default=str))
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
     return path
 
 

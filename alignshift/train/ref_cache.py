@@ -57,13 +57,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
+
+from alignshift.io import atomic_write
 
 __all__ = [
     "ReferenceCacheWarning",
@@ -199,18 +200,8 @@ def _file_sha(path: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 class _Invalid(Exception):
