@@ -147,14 +147,15 @@ def test_evaluate_reward_with_known_scores():
     assert res["spearman"] == pytest.approx(0.5)
 
 
-def test_cli_end_to_end(tmp_path, capsys):
+def _tiny_hf(tmp_path):
+    """A 1-layer Llama with a word-level HF tokenizer and a toy chat template, saved as an HF folder."""
     import transformers
     from flax import nnx
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from alignshift.models.hf import load_hf_model, save_hf_model
+    from alignshift.models.hf import save_hf_model
     from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
-    from alignshift.rewards.flr import FOLLOWUPS, direct_scores, flr_scores
+    from alignshift.rewards.flr import FOLLOWUPS
 
     words = ["<pad>", "<bos>", "<eos>", "<unk>", "<t>", "</t>", "user", "assistant", "hi", "yo", "good", "bad"]
     for f in FOLLOWUPS["understanding"]["positive"] + FOLLOWUPS["understanding"]["negative"]:
@@ -170,6 +171,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     folder = tmp_path / "m"
     save_hf_model(model, str(folder), tokenizer=hf)
+    return folder, hf
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    from alignshift.models.hf import load_hf_model
+    from alignshift.rewards.flr import direct_scores, flr_scores
+
+    folder, hf = _tiny_hf(tmp_path)
     pw = tmp_path / "pairs.jsonl"
     pw.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r})
                             for p, c, r in [("hi", "good", "bad"), ("yo", "bad yo", "good"), ("hi yo", "yo", "hi")]))
@@ -196,3 +205,100 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "different histories" in r["skipped_rows"]["reasons"][0]
     out = capsys.readouterr()
     assert "hh.jsonl [hh, n=2, 3 bad row(s) skipped]" in out.out and "skipped 3 bad row(s)" in out.err
+
+
+def test_bootstrap_ci():
+    rs = np.random.RandomState(0)
+    ok = (rs.rand(400) < 0.6).astype(float)
+    lo, hi = ev.bootstrap_ci(ok, n_boot=4000, seed=1)
+    assert ev.bootstrap_ci(ok, n_boot=4000, seed=1) == (lo, hi)  # seeded
+    assert lo < ok.mean() < hi
+    half = 1.96 * np.sqrt(ok.mean() * (1 - ok.mean()) / len(ok))  # normal approximation
+    assert abs((hi - lo) / 2 - half) < 0.1 * half
+    # paired: a method against itself differs by exactly 0 on every resample
+    assert ev.bootstrap_ci(ok, n_boot=500, baseline=ok) == (0.0, 0.0)
+    d_lo, d_hi = ev.bootstrap_ci(ok, n_boot=2000, baseline=np.zeros(400))
+    assert (d_lo, d_hi) == pytest.approx(ev.bootstrap_ci(ok, n_boot=2000))
+    with pytest.raises(ValueError, match="baseline shape"):
+        ev.bootstrap_ci(ok, baseline=ok[:3])
+    res = ev.evaluate_reward(lambda ps, rs_: [len(r) for r in rs_], "pairwise", [("p", "aa", "a"), ("p", "a", "a")],
+                             n_boot=200)
+    assert res["accuracy"] == 0.5 and res["ties"] == 0.5 and 0.0 <= res["accuracy_ci95"][0] <= 0.5 <= \
+        res["accuracy_ci95"][1] <= 1.0
+
+
+def test_hh_turns_and_empty_final_turn(tmp_path):
+    t = "\n\nHuman: q1 \n\nAssistant: a1\n\nHuman: q2\n\nHuman: more\n\nAssistant:"
+    assert ev.hh_turns(t) == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                              {"role": "user", "content": "q2\n\nmore"}]
+    assert ev.hh_turns("just text") is None and ev.hh_turns("\n\nAssistant: hi") is None
+    # the wrapper renders the transcript as turns and leaves other messages alone
+    _, hf = _tiny_hf(tmp_path)
+    wrapped = ev.HHTurnsTokenizer(hf)
+    msgs = [{"role": "user", "content": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: hi\n\nAssistant:"},
+            {"role": "assistant", "content": "good"}]
+    want = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}]
+    assert wrapped.apply_chat_template(msgs, tokenize=False) == hf.apply_chat_template(want, tokenize=False)
+    assert wrapped.chat_template == hf.chat_template and wrapped("hi yo")["input_ids"] == hf("hi yo")["input_ids"]
+    # an empty final assistant turn (as in 4 published harmless-base test rows) is a bad row
+    p = tmp_path / "hh.jsonl"
+    p.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: ok"})
+                 + "\n" + json.dumps(HH_GOOD) + "\n")
+    with pytest.raises(ValueError, match="line 1: row 0: field 'chosen' has an empty final assistant turn"):
+        ev.load_bench(str(p))
+    assert ev.load_bench(str(p), skip_bad_rows=True)[2] == [("\n\nHuman: hi\n\nAssistant:", "good", "bad")]
+
+
+def test_cli_sweep_matches_single_rewards(tmp_path):
+    from alignshift.models.hf import load_hf_model
+    from alignshift.rewards.flr import DIMENSIONS, MODES, direct_scores, flr_scores
+
+    folder, hf = _tiny_hf(tmp_path)
+    hh = tmp_path / "hh.jsonl"
+    pairs = [("hi", "good", "bad"), ("hi\n\nAssistant: yo\n\nHuman: hi", "bad yo", "good"), ("yo hi", "yo", "hi yo"),
+             ("yo", "good good", "bad"), ("hi", "hi", "hi")]
+    hh.write_text("\n".join(json.dumps({"chosen": f"\n\nHuman: {p}\n\nAssistant: {c}",
+                                        "rejected": f"\n\nHuman: {p}\n\nAssistant: {r}"}) for p, c, r in pairs))
+    npz = tmp_path / "s.npz"
+    common = ["--model", str(folder), "--bench", str(hh), "--layout", "hh", "--sweep", "--hh-turns", "--batch-size",
+              "2", "--n-boot", "200"]
+    res = ev.main(common + ["--chunk", "3", "--sample", "4", "--seed", "1", "--save-scores", str(npz)])
+    r = res["results"]["hh.jsonl"]
+    rows = r["sample"]["rows"]
+    assert len(rows) == 4 and rows == sorted(rows) and r["n"] == 4
+    small = ev.main(common + ["--sample", "2", "--seed", "1", "--chunk", "0"])["results"]["hh.jsonl"]["sample"]["rows"]
+    assert set(small) < set(rows)  # a larger --sample with the same seed keeps the smaller one's rows
+    _, _, all_rows = ev.load_bench(str(hh), "hh")
+    sub = [all_rows[i] for i in rows]
+    prompts = [x[0] for x in sub] * 2
+    resp = [x[1] for x in sub] + [x[2] for x in sub]
+    tok = ev.HHTurnsTokenizer(hf)
+    model = load_hf_model(str(folder))
+    saved = np.load(npz)
+    assert saved["rows"].tolist() == rows
+    names = {"direct": direct_scores(model, tok, prompts, resp, batch_size=2),
+             "length": np.asarray([len(hf(x, add_special_tokens=False)["input_ids"]) for x in resp], float)}
+    for mode in MODES:
+        for d in DIMENSIONS + ("all",):
+            names[f"flr/{mode}/{d}"] = flr_scores(model, tok, prompts, resp, dimension=d, mode=mode, batch_size=2)
+    assert set(r["methods"]) == set(names)
+    for k, want in names.items():
+        np.testing.assert_allclose(saved[k.replace("/", ".")], want, rtol=1e-5, atol=1e-5, err_msg=k)
+        m = r["methods"][k]
+        assert m["accuracy"] == pytest.approx(np.mean(want[:4] > want[4:])), k
+        assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
+        if k != "direct":
+            assert m["minus_direct"] == pytest.approx(m["accuracy"] - r["methods"]["direct"]["accuracy"])
+    # the default renders the transcript as one user message (and --chunk 0 scores all rows in one chunk)
+    flat_npz = tmp_path / "flat.npz"
+    flat = ev.main([x for x in common if x != "--hh-turns"] + ["--chunk", "0", "--save-scores", str(flat_npz)])
+    assert flat["results"]["hh.jsonl"]["n"] == 5 and "sample" not in flat["results"]["hh.jsonl"]
+    args = ([x[0] for x in all_rows] * 2, [x[1] for x in all_rows] + [x[2] for x in all_rows])
+    got = np.load(flat_npz)["flr.likelihood.all"]
+    np.testing.assert_allclose(got, flr_scores(model, hf, *args, dimension="all", batch_size=2), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - flr_scores(model, tok, *args, dimension="all", batch_size=2)).max() > 1e-3
+    rt = tmp_path / "help.jsonl"
+    rt.write_text(json.dumps({"prompt": "hi", "response": "good", "helpfulness": 1}) + "\n")
+    with pytest.raises(SystemExit):
+        ev.main(["--model", str(folder), "--bench", str(rt), "--sweep"])

@@ -47,8 +47,29 @@ rows are dropped instead, counted, and reported (on stderr and under ``skipped_r
 file's results). On the command line a data error prints one ``error: ...`` line and exits
 with status 2.
 
+An HH row whose final assistant turn (``chosen`` or ``rejected``) is empty is malformed too
+(Direct has no token to score; 4 of the first 1,156 ``harmless-base`` test rows are like this).
+
 Metrics are plain NumPy (float64) and checked against SciPy in the tests: Spearman is the
 Pearson correlation of average ranks (ties share their mean rank); a constant input gives NaN.
+Pairwise accuracy comes with a percentile bootstrap 95% interval over pairs
+(:func:`bootstrap_ci`; ``--n-boot`` resamples, ``--seed``).
+
+Real models on a CPU
+    * Rows are scored in chunks of ``--chunk`` rows sorted by text length, so that a batch is
+      padded to the longest row of its chunk, not of the file (one compilation per chunk).
+    * ``--sample N`` evaluates a seeded random subset of N rows (the first N of a permutation
+      seeded by ``--seed``, so a larger N keeps them; their indices among the kept rows are
+      reported); ``--max-examples N`` keeps the first N rows.
+    * ``--hh-turns``: render an HH transcript prompt as alternating chat turns (``user`` /
+      ``assistant`` ...) under the tokenizer's chat template, as the FLR authors' scripts do
+      for multi-turn conversations (spec §5.3), instead of one user message holding the whole
+      ``Human:/Assistant:`` transcript (the default).
+    * ``--sweep`` (pairwise files): ONE follow-up pass with all 60 follow-ups scores FLR in both
+      modes for every dimension and ``all`` (``--aggregate``), then Direct and a response-length
+      baseline (``length``: more tokens wins); each method gets accuracy, bootstrap interval,
+      ties, and its paired-bootstrap difference to Direct. ``--dimension``/``--mode``/``--reward``
+      are ignored. ``--save-scores PATH`` writes the per-row rewards (``.npz``).
 """
 
 from __future__ import annotations
@@ -57,7 +78,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -68,6 +91,10 @@ __all__ = [
     "PAIRWISE_LAYOUTS",
     "RATING_LAYOUTS",
     "pairwise_accuracy",
+    "bootstrap_ci",
+    "hh_turns",
+    "HHTurnsTokenizer",
+    "sweep_scores",
     "pearson",
     "spearman",
     "rankdata",
@@ -106,6 +133,32 @@ def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
     if c.size == 0:
         raise ValueError("no pairs to evaluate")
     return float(np.mean(c > r))
+
+
+def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def bootstrap_ci(values, n_boot: int = 10_000, seed: int = 0, level: float = 0.95, *,
+                 baseline=None) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(values)`` (e.g. per-pair 0/1 correctness),
+    resampling rows with replacement; with ``baseline`` (same length), of the paired difference
+    ``mean(values) - mean(baseline)`` (the same resampled rows for both). The resampled rows
+    depend only on ``(len(values), n_boot, seed)``, so intervals of methods scored on the same
+    rows are paired."""
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"bootstrap_ci needs a non-empty 1-D array, got shape {v.shape}")
+    if baseline is not None:
+        b = np.asarray(baseline, np.float64)
+        if b.shape != v.shape:
+            raise ValueError(f"baseline shape {b.shape} != values shape {v.shape}")
+        v = v - b
+    idx = _boot_idx(len(v), n_boot, seed)
+    means = v[idx].mean(1)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [a, 1.0 - a])
+    return float(lo), float(hi)
 
 
 def pearson(x, y) -> float:
@@ -147,7 +200,56 @@ def _hh_split(text: str, row: int, field: str) -> tuple[str, str]:
     at = text.rfind(marker)
     if at < 0:
         raise ValueError(f"row {row}: field '{field}' has no '\\n\\nAssistant:' turn (HH layout)")
-    return text[:at + len(marker)], text[at + len(marker):].strip()
+    resp = text[at + len(marker):].strip()
+    if not resp:
+        raise ValueError(f"row {row}: field '{field}' has an empty final assistant turn (HH layout)")
+    return text[:at + len(marker)], resp
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_turns(transcript: str) -> list[dict] | None:
+    """An HH transcript prompt (``"\\n\\nHuman: q1\\n\\nAssistant: a1 ... \\n\\nHuman: qn\\n\\nAssistant:"``)
+    as chat messages ``[user q1, assistant a1, ..., user qn]`` (contents stripped; the trailing
+    empty ``Assistant:`` slot dropped; consecutive turns of one role joined by a blank line).
+    ``None`` when the text does not start with a ``Human:`` turn."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip() or len(parts) < 3 or parts[1] != "Human":
+        return None
+    msgs: list[dict] = []
+    for who, text in zip(parts[1::2], parts[2::2]):
+        role = "user" if who == "Human" else "assistant"
+        text = text.strip()
+        if msgs and msgs[-1]["role"] == role:
+            msgs[-1]["content"] = (msgs[-1]["content"] + "\n\n" + text).strip()
+        else:
+            msgs.append({"role": role, "content": text})
+    if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+        msgs.pop()
+    return msgs
+
+
+class HHTurnsTokenizer:
+    """A Hugging Face tokenizer whose ``apply_chat_template`` expands a user message holding an
+    HH transcript into its chat turns (:func:`hh_turns`); everything else is delegated. With it
+    FLR renders ``q1 / a1 / ... / qn / response / follow-up`` as real turns (``--hh-turns``)."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def apply_chat_template(self, messages, *args, **kwargs):
+        out = []
+        for m in messages:
+            turns = hh_turns(m["content"]) if m["role"] == "user" else None
+            out.extend(turns if turns else [m])
+        return self._tok.apply_chat_template(out, *args, **kwargs)
 
 
 def _alpaca_prompt(r: dict) -> str:
@@ -300,20 +402,91 @@ def load_bench(path: str, layout: str = "auto", max_examples: int | None = None,
     return ("pairwise" if layout in PAIRWISE_LAYOUTS else "rating"), layout, rows
 
 
+def _pair_metrics(c: np.ndarray, j: np.ndarray, n_boot: int, seed: int, baseline: dict | None = None) -> dict:
+    acc = pairwise_accuracy(c, j)
+    ok = (c > j).astype(np.float64)
+    out = {"accuracy": acc, "accuracy_ci95": list(bootstrap_ci(ok, n_boot, seed)), "ties": float(np.mean(c == j))}
+    if baseline is not None:
+        base = (baseline["chosen"] > baseline["rejected"]).astype(np.float64)
+        out["minus_direct"] = float(acc - base.mean())
+        out["minus_direct_ci95"] = list(bootstrap_ci(ok, n_boot, seed, baseline=base))
+    return out
+
+
 def evaluate_reward(reward_fn: Callable[[Sequence[str], Sequence[str]], np.ndarray], kind: str,
-                    rows: list[tuple]) -> dict:
-    """Score the rows with ``reward_fn(prompts, responses) -> [N]`` and compute the metrics."""
+                    rows: list[tuple], *, n_boot: int = 10_000, seed: int = 0) -> dict:
+    """Score the rows with ``reward_fn(prompts, responses) -> [N]`` and compute the metrics
+    (pairwise: accuracy, its bootstrap 95% interval ``accuracy_ci95``, and the tie rate)."""
     if kind == "pairwise":
         prompts = [r[0] for r in rows]
         s = np.asarray(reward_fn(prompts + prompts, [r[1] for r in rows] + [r[2] for r in rows]), np.float64)
         c, j = s[: len(rows)], s[len(rows):]
-        return {"kind": kind, "n": len(rows), "accuracy": pairwise_accuracy(c, j),
-                "ties": float(np.mean(c == j))}
+        return {"kind": kind, "n": len(rows), **_pair_metrics(c, j, n_boot, seed)}
     if kind == "rating":
         s = np.asarray(reward_fn([r[0] for r in rows], [r[1] for r in rows]), np.float64)
         gold = np.asarray([r[2] for r in rows], np.float64)
         return {"kind": kind, "n": len(rows), "pearson": pearson(s, gold), "spearman": spearman(s, gold)}
     raise ValueError(f"kind must be 'pairwise' or 'rating', got {kind!r}")
+
+
+def _by_length(fn: Callable, chunk: int | None, log: Callable[[str], None] | None = None) -> Callable:
+    """``fn(prompts, responses) -> [N] array or dict of [N, ...] arrays``, run on chunks of
+    ``chunk`` rows sorted by ``len(prompt) + len(response)`` (each chunk padded to its own
+    longest row) and put back in the input order."""
+    def run(prompts, responses):
+        n = len(prompts)
+        if not chunk or n <= chunk:
+            return fn(prompts, responses)
+        order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses)], kind="stable")
+        out = None
+        t0 = time.perf_counter()
+        for k, a in enumerate(range(0, n, chunk)):
+            idx = order[a:a + chunk]
+            got = fn([prompts[i] for i in idx], [responses[i] for i in idx])
+            got = got if isinstance(got, dict) else {None: got}
+            if out is None:
+                out = {key: np.zeros((n,) + np.shape(v)[1:], np.float64) for key, v in got.items()}
+            for key, v in got.items():
+                out[key][idx] = np.asarray(v, np.float64)
+            if log:
+                log(f"  chunk {k + 1}/{-(-n // chunk)}: {min(a + chunk, n)}/{n} rows, {time.perf_counter() - t0:.0f}s")
+        return out[None] if set(out) == {None} else out
+    return run
+
+
+def sweep_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, aggregate: str = "difference",
+                 template: str = "base", include_eot: bool = False, batch_size: int = 8,
+                 max_context_len: int | None = None) -> dict[str, np.ndarray]:
+    """Every reward of ``--sweep`` for each (prompt, response), float64 [N] each: ``flr/{mode}/{dim}``
+    for both modes and every dimension and ``all`` (from ONE pass with all follow-ups), ``direct``,
+    and ``length`` (the response's token count)."""
+    from alignshift.rewards.flr import DIMENSIONS, FOLLOWUPS, MODES, aggregate_scores, direct_scores, followup_scores
+
+    fs = followup_scores(model, tokenizer, prompts, responses, dimension="all", template=template,
+                         include_eot=include_eot, batch_size=batch_size, max_context_len=max_context_len)
+    n_pos = int(fs["is_positive"].sum())
+    out: dict[str, np.ndarray] = {}
+    p0 = n0 = 0
+    cols = {}
+    for d in DIMENSIONS:  # followups_for("all"): every dimension's positives, then every dimension's negatives
+        np_, nn = len(FOLLOWUPS[d]["positive"]), len(FOLLOWUPS[d]["negative"])
+        cols[d] = np.r_[p0:p0 + np_, n_pos + n0:n_pos + n0 + nn]
+        p0, n0 = p0 + np_, n0 + nn
+    cols["all"] = np.arange(len(fs["followups"]))
+    for mode in MODES:
+        for d, c in cols.items():
+            out[f"flr/{mode}/{d}"] = aggregate_scores(fs[mode][:, c], fs["is_positive"][c], aggregate)
+    out["direct"] = direct_scores(model, tokenizer, prompts, responses, batch_size=batch_size)
+    out["length"] = np.asarray([len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses],
+                               np.float64)
+    return out
+
+
+def _sweep_results(scores: dict[str, np.ndarray], n: int, n_boot: int, seed: int) -> dict:
+    """Pairwise metrics of every swept reward; rows are ``chosen`` (first n) then ``rejected``."""
+    split = {k: {"chosen": v[:n], "rejected": v[n:]} for k, v in scores.items()}
+    return {k: _pair_metrics(v["chosen"], v["rejected"], n_boot, seed, None if k == "direct" else split["direct"])
+            for k, v in split.items()}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -338,6 +511,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context-len", type=int, default=None, help="left-truncate contexts to this many tokens")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--sample", type=int, default=None,
+                   help="evaluate a seeded random subset of this many rows (after --skip-bad-rows)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the bootstrap")
+    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="score rows in chunks of this many, sorted by length (padding per chunk); 0: one chunk")
+    p.add_argument("--hh-turns", action="store_true",
+                   help="render HH transcript prompts as alternating chat turns (the FLR authors' multi-turn "
+                        "rendering) instead of one user message holding the transcript")
+    p.add_argument("--sweep", action="store_true",
+                   help="pairwise files: FLR (both modes, every dimension and 'all', one follow-up pass), Direct "
+                        "and a response-length baseline in one run")
+    p.add_argument("--save-scores", default=None, help="with --sweep: write the per-row rewards here (.npz)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop malformed rows (bad JSON lines, missing fields, HH rows whose chosen/rejected "
                         "histories differ) instead of stopping; the dropped rows are counted and reported")
@@ -355,6 +541,11 @@ def main(argv=None) -> dict:
     """The CLI (module docstring). Returns the results dict; a data error (bad file, bad row,
     bad model folder) prints one ``error: ...`` line on stderr and exits with status 2."""
     args = _parser().parse_args(argv)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     # read every benchmark first: a data error stops the run before the model is loaded
     benches = []
     try:
@@ -364,7 +555,17 @@ def main(argv=None) -> dict:
                                             report=rep)
             if rep.count:
                 print(f"{os.path.basename(path)}: {rep.summary()}", file=sys.stderr, flush=True)
-            benches.append((path, kind, layout, rows, rep))
+            picked = None
+            if args.sample is not None:
+                if args.sample < 1:
+                    raise ValueError(f"--sample must be >= 1, got {args.sample}")
+                if args.sample < len(rows):
+                    # a prefix of one seeded permutation: a larger --sample with the same seed keeps these rows
+                    picked = sorted(np.random.default_rng(args.seed).permutation(len(rows))[:args.sample].tolist())
+                    rows = [rows[i] for i in picked]
+            if args.sweep and kind != "pairwise":
+                raise ValueError(f"{path}: --sweep evaluates pairwise files only (this one is {kind})")
+            benches.append((path, kind, layout, rows, rep, picked))
     except (OSError, ValueError) as e:
         _error_exit(e)
 
@@ -378,7 +579,13 @@ def main(argv=None) -> dict:
         tok = load_hf_tokenizer(args.model)
     except (OSError, ValueError, KeyError) as e:
         _error_exit(e)
-    if args.reward == "flr":
+    if args.hh_turns:
+        tok = HHTurnsTokenizer(tok)
+    if args.sweep:
+        fn = lambda p, r: sweep_scores(model, tok, p, r, aggregate=args.aggregate,  # noqa: E731
+                                       template=args.template, include_eot=args.include_eot,
+                                       batch_size=args.batch_size, max_context_len=args.max_context_len)
+    elif args.reward == "flr":
         dim = args.dimension.split(",") if "," in args.dimension else args.dimension
         fn = lambda p, r: flr_scores(model, tok, p, r, dimension=dim, mode=args.mode,  # noqa: E731
                                      aggregate=args.aggregate, template=args.template,
@@ -386,21 +593,46 @@ def main(argv=None) -> dict:
                                      max_context_len=args.max_context_len)
     else:
         fn = lambda p, r: direct_scores(model, tok, p, r, batch_size=args.batch_size)  # noqa: E731
+    fn = _by_length(fn, args.chunk, log)
     results = {}
-    for path, kind, layout, rows, rep in benches:
+    for path, kind, layout, rows, rep, picked in benches:
+        t0 = time.perf_counter()
         try:
-            res = {"layout": layout, **evaluate_reward(fn, kind, rows)}
+            if args.sweep:
+                prompts = [r[0] for r in rows]
+                scores = fn(prompts + prompts, [r[1] for r in rows] + [r[2] for r in rows])
+                res = {"layout": layout, "kind": kind, "n": len(rows),
+                       "methods": _sweep_results(scores, len(rows), args.n_boot, args.seed)}
+                if args.save_scores:
+                    np.savez(args.save_scores, **{k.replace("/", "."): v for k, v in scores.items()},
+                             rows=np.asarray(picked if picked is not None else np.arange(len(rows))))
+            else:
+                res = {"layout": layout, **evaluate_reward(fn, kind, rows, n_boot=args.n_boot, seed=args.seed)}
         except ValueError as e:  # a row the tokenizer/template cannot score, a bad --dimension, ...
             _error_exit(ValueError(f"{path}: {e}"))
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        if picked is not None:
+            res["sample"] = {"seed": args.seed, "rows": picked}
         if args.skip_bad_rows:
             res["skipped_rows"] = {"count": rep.count, "reasons": list(rep.reasons)}
         results[os.path.basename(path)] = res
-        metric = (f"accuracy {res['accuracy']:.4f}" if kind == "pairwise"
-                  else f"pearson {res['pearson']:.4f}  spearman {res['spearman']:.4f}")
         skipped = f", {rep.count} bad row(s) skipped" if rep.count else ""
-        print(f"{os.path.basename(path)} [{layout}, n={res['n']}{skipped}]: {metric}", flush=True)
-    out = {"model": args.model, "reward": args.reward, "dimension": args.dimension, "mode": args.mode,
-           "aggregate": args.aggregate, "template": args.template, "results": results}
+        head = f"{os.path.basename(path)} [{layout}, n={res['n']}{skipped}]"
+        if args.sweep:
+            print(f"{head}: {res['seconds']:.0f}s", flush=True)
+            for name, m in res["methods"].items():
+                lo, hi = m["accuracy_ci95"]
+                print(f"  {name:28s} accuracy {m['accuracy']:.4f} [{lo:.4f}, {hi:.4f}]  ties {m['ties']:.4f}", flush=True)
+        elif kind == "pairwise":
+            lo, hi = res["accuracy_ci95"]
+            print(f"{head}: accuracy {res['accuracy']:.4f} [95% CI {lo:.4f}, {hi:.4f}]", flush=True)
+        else:
+            print(f"{head}: pearson {res['pearson']:.4f}  spearman {res['spearman']:.4f}", flush=True)
+    out = {"model": args.model, "reward": "sweep" if args.sweep else args.reward, "dimension": args.dimension,
+           "mode": args.mode, "aggregate": args.aggregate, "template": args.template, "hh_turns": args.hh_turns,
+           "dtype": args.dtype, "batch_size": args.batch_size, "chunk": args.chunk, "n_boot": args.n_boot,
+           "seed": args.seed, "max_context_len": args.max_context_len, "results": results,
+           "seconds": round(time.perf_counter() - t_start, 1)}
     if args.out:
         from alignshift.eval.report import write_json_atomic
 
