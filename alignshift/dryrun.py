@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignshift.config import ConfigError, ExperimentConfig
-from alignshift.experiment.errors import add_skip_bad_rows, run_main
+from alignshift.experiment.errors import add_skip_bad_rows, error_line, run_main
 from alignshift.models.layers import DTYPES
 
 __all__ = ["dry_run", "run_dry_run", "load_plan_config", "resolve_hf_config", "abstract_model", "main"]
@@ -363,7 +363,7 @@ def run_dry_run(path: str | None, overrides=(), *, quick: bool = False, devices:
             print(f"(dry run: script-specific config sections not planned: {dropped})")
         rep = dry_run(cfg, devices=devices, trace_step=trace_step)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     if json_out:
         with open(json_out, "w") as f:

@@ -17,7 +17,7 @@ import sys
 
 from alignshift.config import ConfigError
 
-__all__ = ["user_errors", "exit_on", "run_main", "add_skip_bad_rows"]
+__all__ = ["user_errors", "error_line", "exit_on", "run_main", "add_skip_bad_rows"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -29,12 +29,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
             NotADirectoryError)
 
 
-def _message(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+    """``error: <message>`` on one line (a missing file as ``<path>: <reason>``)."""
     if isinstance(e, OSError) and e.filename is not None:
         text = f"{e.filename}: {e.strerror or e}"
     else:
         text = str(e) or type(e).__name__
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())  # one line
+    return "error: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 @contextlib.contextmanager
@@ -44,7 +45,7 @@ def exit_on(*errors: type[BaseException]):
     try:
         yield
     except (errors or user_errors()) as e:
-        print(f"error: {_message(e)}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         raise SystemExit(2) from None
 
 
