@@ -269,6 +269,8 @@ def test_cli_sweep_matches_single_rewards(tmp_path):
     assert len(rows) == 4 and rows == sorted(rows) and r["n"] == 4
     small = ev.main(common + ["--sample", "2", "--seed", "1", "--chunk", "0"])["results"]["hh.jsonl"]["sample"]["rows"]
     assert set(small) < set(rows)  # a larger --sample with the same seed keeps the smaller one's rows
+    rest = ev.main(common + ["--sample", "2", "--sample-offset", "2", "--seed", "1", "--chunk", "0"])
+    assert sorted(small + rest["results"]["hh.jsonl"]["sample"]["rows"]) == rows  # disjoint, adds up
     _, _, all_rows = ev.load_bench(str(hh), "hh")
     sub = [all_rows[i] for i in rows]
     prompts = [x[0] for x in sub] * 2

@@ -59,8 +59,9 @@ Real models on a CPU
     * Rows are scored in chunks of ``--chunk`` rows sorted by text length, so that a batch is
       padded to the longest row of its chunk, not of the file (one compilation per chunk).
     * ``--sample N`` evaluates a seeded random subset of N rows (the first N of a permutation
-      seeded by ``--seed``, so a larger N keeps them; their indices among the kept rows are
-      reported); ``--max-examples N`` keeps the first N rows.
+      seeded by ``--seed``, so a larger N keeps them; ``--sample-offset K`` takes the N after
+      the first K instead, disjoint from them; the indices among the kept rows are reported);
+      ``--max-examples N`` keeps the first N rows.
     * ``--hh-turns``: render an HH transcript prompt as alternating chat turns (``user`` /
       ``assistant`` ...) under the tokenizer's chat template, as the FLR authors' scripts do
       for multi-turn conversations (spec §5.3), instead of one user message holding the whole
@@ -513,6 +514,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--sample", type=int, default=None,
                    help="evaluate a seeded random subset of this many rows (after --skip-bad-rows)")
+    p.add_argument("--sample-offset", type=int, default=0,
+                   help="with --sample: skip the first K rows of the seeded permutation (a disjoint further sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the bootstrap")
     p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--chunk", type=int, default=64,
@@ -559,9 +562,15 @@ def main(argv=None) -> dict:
             if args.sample is not None:
                 if args.sample < 1:
                     raise ValueError(f"--sample must be >= 1, got {args.sample}")
-                if args.sample < len(rows):
-                    # a prefix of one seeded permutation: a larger --sample with the same seed keeps these rows
-                    picked = sorted(np.random.default_rng(args.seed).permutation(len(rows))[:args.sample].tolist())
+                if args.sample_offset < 0:
+                    raise ValueError(f"--sample-offset must be >= 0, got {args.sample_offset}")
+                if args.sample < len(rows) or args.sample_offset:
+                    # a slice of one seeded permutation: a larger --sample with the same seed keeps these rows,
+                    # and --sample-offset K continues after the first K (disjoint runs add up)
+                    perm = np.random.default_rng(args.seed).permutation(len(rows))
+                    picked = sorted(perm[args.sample_offset:args.sample_offset + args.sample].tolist())
+                    if not picked:
+                        raise ValueError(f"{path}: --sample-offset {args.sample_offset} leaves no rows (of {len(rows)})")
                     rows = [rows[i] for i in picked]
             if args.sweep and kind != "pairwise":
                 raise ValueError(f"{path}: --sweep evaluates pairwise files only (this one is {kind})")
