@@ -12,11 +12,11 @@ A rule is a function
 * ``data_weight`` — optional per-example data weights ``[B]`` (``inputs["weight"]``), detached;
 * ``hp`` — the rule's hyper-parameters (``axis_name`` too, for rules with collectives).
 
-Linear rules are ``mean_i (w_i·d_i)·ℓ_i`` with detached weights ``w`` (:func:`linear_rule`,
-:func:`weighted_mean`); log-mean-exp rules are their reduction. Either way the
-objective's gradient is ``mean_i w_i·∇ℓ_i`` for some effective weights ``w``, and
-:func:`reduce_losses` returns them (``n·∂objective/∂ℓ``, from one ``jax.vjp``) alongside the
-objective, for logging; no rule restates its weights separately.
+Linear rules are ``mean_i (w_i·d_i)·ℓ_i`` with detached weights ``w`` (:func:`linear_rule`);
+log-mean-exp rules are their reduction. Either way the objective's gradient is
+``mean_i w_i·∇ℓ_i`` for some effective weights ``w``, and :func:`reduce_losses` returns them
+(``n·∂objective/∂ℓ``) alongside the objective, for logging; no rule restates its weights
+separately.
 
 Rules that reduce over the batch take ``axis_name``: under ``pmap``/``shard_map`` they gather the
 global batch with collectives (:func:`gather_batch`), so the objective equals the global
@@ -38,7 +38,6 @@ __all__ = [
     "WeightingRule",
     "reduce_losses",
     "linear_rule",
-    "weighted_mean",
     "normalize_weights",
     "log_mean_exp",
     "weight_stats",
@@ -92,37 +91,40 @@ def log_mean_exp(a: jax.Array, lam: float = 1.0) -> jax.Array:
     return c + jnp.where(jnp.max(x) < 30.0, small, big)
 
 
-def weighted_mean(losses: jax.Array, w: jax.Array, data_weight: jax.Array | None = None, *,
-                  normalize: bool = False) -> jax.Array:
-    """The linear reduction ``mean_i (w_i·d_i)·ℓ_i``: ``w`` detached (rescaled to mean 1 by
-    :func:`normalize_weights` when ``normalize``), times the data weights ``d`` if given."""
-    w = normalize_weights(w) if normalize else jax.lax.stop_gradient(w)
-    if data_weight is not None:  # per-example data weights, combined multiplicatively
-        w = w * data_weight
-    return jnp.mean(w * losses)
+class _LinearRule:
+    """``mean_i (w_i·d_i)·ℓ_i`` of a weights function (see :func:`linear_rule`)."""
 
+    def __init__(self, weights_fn: Callable[..., jax.Array], normalize: bool):
+        self.weights_fn, self.normalize = weights_fn, normalize
+        functools.update_wrapper(self, weights_fn)
 
-def _linear_objective(losses, features, *, weights_fn, rescale, val_features=None, aux=None, data_weight=None,
-                      **hp):
-    w = weights_fn(features, val_features=val_features, aux=aux, **hp)
-    return weighted_mean(losses, w, data_weight, normalize=rescale)
+    def weights(self, features, *, val_features=None, aux=None, data_weight=None, **hp) -> jax.Array:
+        """The effective (detached) weights ``w_i·d_i``."""
+        w = self.weights_fn(features, val_features=val_features, aux=aux, **hp)
+        w = normalize_weights(w) if self.normalize else jax.lax.stop_gradient(w)
+        return w if data_weight is None else w * data_weight  # data weights, combined multiplicatively
+
+    def __call__(self, losses, features, *, val_features=None, aux=None, data_weight=None, **hp):
+        w = self.weights(features, val_features=val_features, aux=aux, data_weight=data_weight, **hp)
+        return jnp.mean(w * losses)
 
 
 def linear_rule(weights: Callable[..., jax.Array], *, normalize: bool) -> Callable[..., jax.Array]:
     """The rule ``mean_i (w_i·d_i)·ℓ_i`` of a weights function
     ``weights(features, *, val_features=None, aux=None, **hp) -> w [B]`` (the design's weight
-    contract). ``normalize=True`` rescales ``w`` to mean 1 (the rule's own weights are then
-    relative, e.g. KMM's); ``False`` keeps them as the rule returns them (WPO's raw
-    probabilities, KLDPO's unnormalised tilt: those rules normalise behind their own flag)."""
-    # (bound under names no rule's hyper-parameter uses: a rule's own ``normalize`` flag goes to ``weights``)
-    return functools.partial(_linear_objective, weights_fn=weights, rescale=normalize)
+    contract), with ``w`` detached. ``normalize=True`` rescales ``w`` to mean 1 (the rule's own
+    weights are then relative, e.g. KMM's); ``False`` keeps them as the rule returns them (WPO's
+    raw probabilities, KLDPO's unnormalised tilt: those rules normalise behind their own flag)."""
+    return _LinearRule(weights, normalize)
 
 
 def reduce_losses(rule: "WeightingRule", losses: jax.Array, *, features=None, val_features=None, aux=None,
                   data_weight=None, **hp) -> tuple[jax.Array, jax.Array]:
     """``(objective, weights)``: the rule's scalar objective of ``losses`` (differentiable, exactly
     ``rule.objective(...)``) and its effective per-example weights ``w = n·∂objective/∂ℓ``
-    (detached; the objective's gradient is ``mean_i w_i·∇ℓ_i``), from one ``jax.vjp``.
+    (detached; the objective's gradient is ``mean_i w_i·∇ℓ_i``). A linear rule's weights are its
+    own ``w_i·d_i`` (computed once); any other rule's come from differentiating the rule on the
+    detached losses (a ``[B]``-vector gradient), so no rule restates its weights.
 
     ``features`` defaults to the detached losses. Under a named axis (``axis_name`` in ``hp``)
     the objective is global and ``w`` are this device's rows of the global weights (the
@@ -130,13 +132,13 @@ def reduce_losses(rule: "WeightingRule", losses: jax.Array, *, features=None, va
     factor ``n_global/n_local``)."""
     if features is None:
         features = jax.lax.stop_gradient(losses)
-
-    def objective(ell):
-        return rule.objective(ell, features, val_features=val_features, aux=aux, data_weight=data_weight, **hp)
-
-    value, pullback = jax.vjp(objective, losses)
-    (grad,) = pullback(jnp.asarray(losses.shape[0], value.dtype))  # n·∂objective/∂ℓ
-    return value, jax.lax.stop_gradient(grad)
+    kw = dict(val_features=val_features, aux=aux, data_weight=data_weight, **hp)
+    if isinstance(rule.objective, _LinearRule):
+        w = rule.objective.weights(features, **kw)
+        return jnp.mean(w * losses), w
+    value = rule.objective(losses, features, **kw)
+    grad = jax.grad(lambda ell: rule.objective(ell, features, **kw))(jax.lax.stop_gradient(losses))
+    return value, jax.lax.stop_gradient(grad * losses.shape[0])  # n·∂objective/∂ℓ
 
 
 @dataclasses.dataclass(frozen=True)
