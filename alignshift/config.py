@@ -474,12 +474,12 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
                           f"got {cfg.data.truncation!r}")
     if cfg.train.length_bucket > 0:
         for i, m in enumerate(cfg.methods):
-            if BASE_LOSSES[m.base].listwise:
+            if "lists" in BASE_LOSSES[m.base].requires:
                 raise ConfigError(f"config key 'train.length_bucket' is {cfg.train.length_bucket}, but "
                                   f"'methods.{i}' ({m.name}) has the listwise base loss {m.base!r}: length "
                                   "bucketing only trims pairwise [B, T] batches, not the [B, K, T] cand_* "
                                   "arrays (set train.length_bucket=0)")
-    uses_ref = [m.name for m in cfg.methods if BASE_LOSSES[m.base].needs_reference]
+    uses_ref = [m.name for m in cfg.methods if "reference" in BASE_LOSSES[m.base].requires]
     if not uses_ref:
         free = sorted({m.base for m in cfg.methods})
         if "train.precompute_reference" in explicit and cfg.train.precompute_reference:
@@ -491,7 +491,7 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
                               f"{free} is reference-free: nothing would be cached")
     n_val = cfg.data.scenario_kwargs.get("n_val") if not cfg.data.dataset else None
     for i, m in enumerate(cfg.methods):
-        needs_val = WEIGHTING_RULES[m.weighting].needs_val
+        needs_val = "val_batch" in WEIGHTING_RULES[m.weighting].requires
         if needs_val and n_val is not None and n_val < 1:
             raise ConfigError(f"config key 'methods.{i}.weighting' ({m.name}): {m.weighting!r} needs a "
                               f"deployment/validation set, but 'data.scenario_kwargs.n_val' is {n_val}")

@@ -218,7 +218,7 @@ def dry_run(cfg: ExperimentConfig, *, devices: int | None = None, trace_step: bo
             raise ConfigError(f"config key 'data.scenario': unknown scenario {cfg.data.scenario!r}; "
                               f"known: {sorted(SCENARIOS)}")
     objectives = [objective_for(m) for m in cfg.methods]
-    flags = {"kl": any(o.needs_kl_completions for o in objectives), "val": any(o.needs_val for o in objectives),
+    flags = {"kl": any("kl_completions" in o.requires for o in objectives), "val": any("val_batch" in o.requires for o in objectives),
              "wdpo": any(m.penalty == "wdpo" for m in cfg.methods)}
 
     # --- mesh
@@ -323,7 +323,7 @@ def _trace_step(cfg, graphdef, rest, tx, objective, state, desc, flags) -> dict:
         batch[f"reference_{g}_logps"] = jax.ShapeDtypeStruct((b,), jnp.float32)
     step = make_preference_step(graphdef, rest, tx, objective)
     args = (state, batch, None)
-    if objective.needs_val:
+    if "val_batch" in objective.requires:
         vb = {k: jax.ShapeDtypeStruct((cfg.train.val_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
         new_state, metrics = jax.eval_shape(lambda s, x, v: step(s, x, None, val_batch=v), state, batch, vb)
     else:

@@ -82,13 +82,13 @@ def main():
     for n in names:
         m = OBJECTIVES[n]
         obj = objective_for(m)
-        arrays = {**train, **sources} if obj.needs_source else train
+        arrays = {**train, **sources} if "source" in obj.requires else train
         keys = [k for k in arrays if not k.startswith("prompt_")]
-        if not obj.needs_kl_completions:
+        if "kl_completions" not in obj.requires:
             keys = [k for k in keys if not k.startswith(("kl_", "reference_kl"))]
         it = iter(BatchIterator({k: arrays[k] for k in keys}, cfg.train.batch_size, seed=0))
         vit = iter(BatchIterator({k: val[k] for k in keys}, min(a.val_batch, len(data.val)), seed=1)) \
-            if obj.needs_val else None
+            if "val_batch" in obj.requires else None
         step = make_preference_step(g, rest, tx, obj, penalty_gradient=PenaltyGradient.from_dict(m.penalty_gradient))
         state = init_state(copy(params), tx)
         for _ in range(3):  # compile + warm up

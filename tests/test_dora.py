@@ -192,7 +192,7 @@ def test_dora_config_method_validates_and_missing_source_is_a_clear_error():
     del inputs["source_prob"]
     with pytest.raises(ValueError, match="'source_prob' and 'source_share'"):
         make_objective("dpo", "dora")(inputs)
-    assert make_objective("dpo", "dora").needs_source and not make_objective("dpo", "dro").needs_source
+    assert "source" in make_objective("dpo", "dora").requires and "source" not in make_objective("dpo", "dro").requires
 
 
 def test_dora_authors_code_forms():

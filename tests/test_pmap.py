@@ -97,7 +97,7 @@ def _worker(out_path: str) -> None:
     def run_case(name, spec):
         base, weighting, penalty, bkw, wkw, pkw = spec
         obj = make_objective(base, weighting, penalty, base_kwargs=bkw, weighting_kwargs=wkw, penalty_kwargs=pkw)
-        vb = val_batch if obj.needs_val else None
+        vb = val_batch if "val_batch" in obj.requires else None
 
         t_case = time.time()
         # single device, whole batch
@@ -160,7 +160,7 @@ def _worker(out_path: str) -> None:
         # the global one by far more than the tolerances above: the loss, and KTO's z₀
         if weighting != "uniform" or base == "kto":
             inputs, val_inputs = policy_and_val_inputs(params_after_1)
-            if not obj.needs_val:
+            if "val_batch" not in obj.requires:
                 val_inputs = None
             _, glob = obj(inputs, val_inputs)
             per = N_PAIRS // N_DEV

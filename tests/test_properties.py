@@ -104,7 +104,7 @@ def _compiled(kind: str):
     for case in cases:
         base, w, hp, which = case
         kw = dict(base_kwargs=hp) if which == "base" else dict(weighting_kwargs=hp)
-        objs[_name(case)] = (make_objective(base, w, **kw), WEIGHTING_RULES[w].needs_val)
+        objs[_name(case)] = (make_objective(base, w, **kw), "val_batch" in WEIGHTING_RULES[w].requires)
 
     def run(inputs, val):
         out = {}

@@ -48,7 +48,7 @@ def _run(cfg, graphdef, rest, ref_params, arrays, method, *, steps, precomputed=
     tx = make_optimizer(cfg.train.optim, steps)
     step = make_preference_step(graphdef, rest, tx, obj)
     keys = [k for k in arrays if (precomputed or not k.startswith("reference_"))]
-    if not obj.needs_kl_completions:
+    if "kl_completions" not in obj.requires:
         keys = [k for k in keys if not k.startswith(("kl_", "reference_kl"))]
     it = BatchIterator({k: arrays[k] for k in keys}, cfg.train.batch_size, seed=0)
     return train_loop(step, init_state(_copy(ref_params), tx), it, steps=steps, log_every=1,

@@ -200,11 +200,11 @@ class DoraExperiment(Experiment):
         if m.train_data not in ("train", "oracle"):
             raise ValueError(f"method {m.name!r}: dora.py supports train_data 'train' or 'oracle' "
                              f"(n_train lists from the target distribution), not {m.train_data!r}")
-        if m.train_data == "oracle" and objective.needs_source:
+        if m.train_data == "oracle" and "source" in objective.requires:
             raise ValueError(f"method {m.name!r}: the oracle data has no source classifier outputs")
         prefix = "oracle_" if m.train_data == "oracle" else ""
-        arrays = ctx.sets[prefix + ("lists" if objective.listwise else "pairs")]
-        if not objective.needs_source:
+        arrays = ctx.sets[prefix + ("lists" if "lists" in objective.requires else "pairs")]
+        if "source" not in objective.requires:
             arrays = {k: v for k, v in arrays.items() if not k.startswith("source_")}
         return MethodRun(m.name, m, arrays, ctx.cfg)
 

@@ -199,7 +199,7 @@ class Experiment:
         cfg, data, tok, seed = ctx.cfg, ctx.data, ctx.tokenizer, ctx.seed
         enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
         wanted = {m.train_data for m in cfg.methods}
-        needs_val = any(phases.objective_for(m).needs_val for m in cfg.methods) or wanted & {"val", "train+val"}
+        needs_val = any("val_batch" in phases.objective_for(m).requires for m in cfg.methods) or wanted & {"val", "train+val"}
         sets = {"train": encode_pairs(tok, data.train, **enc), "test": encode_pairs(tok, data.test, **enc)}
         if needs_val:
             sets["val"] = encode_pairs(tok, data.val, **enc)

@@ -101,7 +101,7 @@ def split_source_kwargs(cfg: ExperimentConfig) -> tuple[dict, dict | None]:
         shares = [_share(v, f"data.dataset_kwargs.source_shares.{j}") for j, v in enumerate(raw_shares)]
     if raw_share is not None:
         share = _share(raw_share, "data.dataset_kwargs.source_share")
-    methods = {m.name: m.weighting for m in cfg.methods if WEIGHTING_RULES[m.weighting].needs_source}
+    methods = {m.name: m.weighting for m in cfg.methods if "source" in WEIGHTING_RULES[m.weighting].requires}
     if not methods:
         return kwargs, None
     if shares is None and share is None:
@@ -222,7 +222,7 @@ class PreferenceHFExperiment(Experiment):
         splits = load_dataset_splits(cfg.data.dataset, cfg.data.dataset_source or None,
                                      skip_bad_rows=cfg.data.skip_bad_rows, report=skipped, **dataset_kwargs)
         wanted = {m.train_data for m in cfg.methods}
-        needs_val = bool(wanted & {"val", "train+val"}) or any(objective_for(m).needs_val for m in cfg.methods)
+        needs_val = bool(wanted & {"val", "train+val"}) or any("val_batch" in objective_for(m).requires for m in cfg.methods)
         if needs_val and not splits.val:
             raise ConfigError(f"a method needs validation pairs but {cfg.data.dataset!r} gave none "
                               "(set data.dataset_kwargs.val_ratio)")
@@ -271,7 +271,7 @@ class PreferenceHFExperiment(Experiment):
 
     def add_reference(self, ctx: SeedContext) -> None:
         cfg = ctx.cfg
-        if cfg.train.precompute_reference or any(objective_for(m).needs_reference for m in cfg.methods):
+        if cfg.train.precompute_reference or any("reference" in objective_for(m).requires for m in cfg.methods):
             extra = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "alignshift": __version__,
                      "backend": jax.default_backend()}
             add_reference_logps(ctx, extra=extra, batch_size=cfg.eval.batch_size)

@@ -185,18 +185,6 @@ class BaseLossSpec:
     requires: frozenset[str] = frozenset({"reference"})
     collectives: bool = False
 
-    @property
-    def needs_reference(self) -> bool:
-        return "reference" in self.requires
-
-    @property
-    def needs_kl_completions(self) -> bool:
-        return "kl_completions" in self.requires
-
-    @property
-    def listwise(self) -> bool:  # reads [B, K] candidate lists (train steps use the cand_* layout)
-        return "lists" in self.requires
-
 
 _BETA = HParam("beta", 0.1, ("float",), POSITIVE)
 
@@ -292,30 +280,11 @@ class Objective:
         ``"lists"`` (a listwise base: accepts the ``cand_*`` ``[B, K, T]`` layout)."""
         return BASE_LOSSES[self.base].requires | WEIGHTING_RULES[self.weighting].requires
 
-    # single-kind views of ``requires`` (kept for existing callers)
-    @property
-    def needs_reference(self) -> bool:
-        return "reference" in self.requires
 
-    @property
-    def needs_kl_completions(self) -> bool:
-        return "kl_completions" in self.requires
 
-    @property
-    def listwise(self) -> bool:
-        return "lists" in self.requires
 
-    @property
-    def needs_source(self) -> bool:
-        return "source" in self.requires
 
-    @property
-    def needs_val(self) -> bool:
-        return "val_batch" in self.requires
 
-    @property
-    def needs_wpo(self) -> bool:
-        return "wpo_terms" in self.requires
 
     def terms(self, inputs: dict) -> tuple[PreferenceTerms, dict]:
         return BASE_LOSSES[self.base].fn(inputs, **self.base_kwargs)
@@ -323,8 +292,8 @@ class Objective:
     def __call__(self, inputs: dict, val_inputs: dict | None = None) -> tuple[jax.Array, dict[str, Any]]:
         terms, extra = self.terms(inputs)
         rule = WEIGHTING_RULES[self.weighting]
-        val_terms = self.terms(val_inputs)[0] if (rule.needs_val and val_inputs is not None) else None
-        if rule.needs_val and val_terms is None:
+        val_terms = self.terms(val_inputs)[0] if ("val_batch" in rule.requires and val_inputs is not None) else None
+        if "val_batch" in rule.requires and val_terms is None:
             raise ValueError(f"weighting {self.weighting!r} needs a validation batch (val_inputs)")
         feats = _features(terms, rule.features)
         val_feats = _features(val_terms, rule.features) if val_terms is not None else None

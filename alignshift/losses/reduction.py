@@ -163,14 +163,5 @@ class WeightingRule:
     requires: frozenset[str] = frozenset()
     collectives: bool = False
 
-    @property
-    def needs_val(self) -> bool:
-        return "val_batch" in self.requires
 
-    @property
-    def needs_wpo(self) -> bool:
-        return "wpo_terms" in self.requires
 
-    @property
-    def needs_source(self) -> bool:
-        return "source" in self.requires

@@ -197,11 +197,11 @@ def run_preference(
                                 penalty_gradient=PenaltyGradient.from_dict(method.penalty_gradient))
     step_fn = functools.partial(step, frozen=rest)
     keep = [k for k in train_arrays if not k.startswith("prompt_")]
-    if not objective.needs_kl_completions:
+    if "kl_completions" not in objective.requires:
         keep = [k for k in keep if not k.startswith(("kl_", "reference_kl"))]
     if cfg.train.precompute_reference:
         missing = [k for k in ("reference_chosen_logps", "reference_rejected_logps") if k not in train_arrays]
-        if objective.needs_reference and missing:
+        if "reference" in objective.requires and missing:
             raise ValueError(f"precompute_reference=True but train arrays lack {missing}")
         step_args = (None,)
     else:
@@ -210,7 +210,7 @@ def run_preference(
     it = preference_iterator({k: train_arrays[k] for k in keep}, cfg.train.batch_size, seed=seed,
                              length_bucket=cfg.train.length_bucket)
     val_it = None
-    if objective.needs_val:
+    if "val_batch" in objective.requires:
         if val_arrays is None:
             raise ValueError(f"method {method.name!r}: weighting {method.weighting!r} needs validation arrays")
         n_val = val_arrays["chosen_input_ids"].shape[0]
