@@ -22,6 +22,7 @@ from alignshift.config import ExperimentConfig, MethodConfig, ModelConfig
 from alignshift.data import BatchIterator, LengthBucketIterator, WordTokenizer, encode_completions
 from alignshift.losses import Objective, make_objective
 from alignshift.losses.penalties import PenaltyGradient
+from alignshift.models.layers import DTYPES
 from alignshift.models.llama import LlamaConfig, LlamaForCausalLM
 from alignshift.train.checkpoint import Checkpointer
 from alignshift.train.loop import train_loop
@@ -40,7 +41,6 @@ __all__ = [
     "preference_iterator",
 ]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_policy(cfg: ModelConfig, tokenizer, *, seed: int, mesh=None) -> nnx.Module:
@@ -49,7 +49,7 @@ def build_policy(cfg: ModelConfig, tokenizer, *, seed: int, mesh=None) -> nnx.Mo
     if cfg.hf_path:
         from alignshift.models.hf import load_hf_model
 
-        model = load_hf_model(cfg.hf_path, dtype=_DTYPES[cfg.dtype], mesh=mesh, remat=cfg.remat)
+        model = load_hf_model(cfg.hf_path, dtype=DTYPES[cfg.dtype], mesh=mesh, remat=cfg.remat)
         n_vocab = getattr(model.config, "vocab_size", None)
         if n_vocab is not None and n_vocab < len(tokenizer):
             raise ValueError(f"model.hf_path={cfg.hf_path}: vocab_size {n_vocab} < tokenizer size {len(tokenizer)}")
@@ -72,7 +72,7 @@ def build_policy(cfg: ModelConfig, tokenizer, *, seed: int, mesh=None) -> nnx.Mo
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
     )
-    return LlamaForCausalLM(lcfg, rngs=nnx.Rngs(seed), dtype=_DTYPES[cfg.dtype])
+    return LlamaForCausalLM(lcfg, rngs=nnx.Rngs(seed), dtype=DTYPES[cfg.dtype])
 
 
 def add_lora(model: nnx.Module, cfg: ModelConfig, *, seed: int):
