@@ -186,6 +186,13 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 256
+    # real data (experiments/preference_hf.py, HeldOutEvaluator); off by default:
+    # a reference row (the reference model's own ranking of the held-out pairs) and binomial 95%
+    # intervals of the held-out accuracies
+    reference_row: bool = False
+    # responses of the reference and each policy for the first N held-out prompts (temperature,
+    # top_p, max_new_tokens above) and the Monte-Carlo KL to the reference on them (0 = none)
+    sample_prompts: int = 0
 
 
 @dataclasses.dataclass

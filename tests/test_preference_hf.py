@@ -100,7 +100,11 @@ def test_hf_model_and_dataset_to_results(tmp_path, capsys):
     assert s["scenario"] == "preference" and set(s["methods"]) == {"kldpo"}
     assert s["data_info"]["n_train"] == 48 and s["data_info"]["n_val"] == 0 and s["data_info"]["n_test"] == 16
     assert s["data_info"]["skipped_rows"] == {"count": 3, "by_source": {"preference/train": 3}}
-    assert json.loads((out / "seed_0" / "summary.json").read_text())["data_info"]["skipped_rows"]["count"] == 3
+    seed_summary = json.loads((out / "seed_0" / "summary.json").read_text())
+    assert seed_summary["data_info"]["skipped_rows"]["count"] == 3
+    # eval.reference_row / eval.sample_prompts off (the default): the outputs are as before
+    assert set(seed_summary["methods"]["kldpo"]) == {"test_pref_acc", "test_reward_margin", "train_time_s"}
+    assert "samples" not in s and "samples" not in seed_summary
     printed = capsys.readouterr().out
     assert "preference row 48: field 'chosen' is empty" in printed
     assert "preference/train row 50: field 'chosen' has 10 tokens > max_completion_len=6" in printed
@@ -321,3 +325,63 @@ def test_dora_training_row_without_probs_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"^candidates/train row 5: field 'probs' is missing; method 'dpo_dora' "
                                         r"\(weighting 'dora'\) needs every training row's per-candidate"):
         preference_hf.main(["--config", _dora_config(tmp_path, data), "--out", str(tmp_path / "o")])
+
+
+def test_reference_row_samples_and_holdout(tmp_path):
+    """eval.reference_row + eval.sample_prompts (real data): a reference row ranking the held-out
+    pairs by the reference's mean per-token log-prob (checked against transformers), Wilson 95%
+    intervals, responses of the reference and the policy for the same held-out prompts with the
+    Monte-Carlo KL; data.dataset_kwargs.holdout_ratio carves the test set from train."""
+    import preference_hf
+    import torch
+
+    from alignshift.data.chat import encode_chat_pairs
+    from alignshift.models.hf import load_hf_tokenizer
+
+    path = _config(tmp_path, _data(tmp_path))
+    cfg = yaml.safe_load(open(path))
+    cfg["data"]["dataset_kwargs"] = {"holdout_ratio": 0.25, "seed": 3}
+    cfg["eval"].update({"reference_row": True, "sample_prompts": 3, "max_new_tokens": 4, "temperature": 1.0})
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    out = tmp_path / "out"
+    preference_hf.main(["--config", path, "--out", str(out)])
+    s = json.loads((out / "summary.json").read_text())
+    # 48 train rows -> 12 held out (the folder's own 16 test rows are not used)
+    assert s["data_info"]["n_train"] == 36 and s["data_info"]["n_test"] == 12
+    assert s["data_info"]["holdout"] == {"ratio": 0.25, "seed": 4, "n_test": 12}
+    assert list(s["methods"]) == ["reference", "kldpo"]
+    ref, pol = s["methods"]["reference"], s["methods"]["kldpo"]
+    # the reference's implicit reward is 0 for every pair: no accuracy, margin 0, KL 0
+    assert math.isnan(ref["test_pref_acc"]) and ref["test_reward_margin"] == 0.0 and ref["kl_to_ref"] == 0.0
+    assert pol["test_pref_acc_lo"] <= pol["test_pref_acc"] <= pol["test_pref_acc_hi"] and pol["test_n_pairs"] == 12
+    assert math.isfinite(pol["kl_to_ref"]) and pol["kl_to_ref"] != 0.0
+
+    # the reference ranking, recomputed with transformers on the same held-out rows
+    from alignshift.data.datasets import load_dataset_splits
+    from alignshift.experiment.preference_hf import hold_out
+    from alignshift.data.schema import SkippedRows
+
+    splits = hold_out(load_dataset_splits("preference", cfg["data"]["dataset_source"], seed=3), 0.25, 4,
+                      SkippedRows())
+    tok = load_hf_tokenizer(cfg["model"]["hf_path"])
+    enc = encode_chat_pairs(tok, splits.test, max_prompt_len=12, max_completion_len=6, mode="chat")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg["model"]["hf_path"], torch_dtype=torch.float32)
+
+    def mean_logp(g):
+        ids = torch.tensor(enc[f"{g}_input_ids"], dtype=torch.long)
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(ids, attention_mask=torch.tensor(enc[f"{g}_attention_mask"])).logits, -1)
+        tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].numpy()
+        m = enc[f"{g}_loss_mask"][:, 1:]
+        return (tok_lp * m).sum(1) / m.sum(1)
+
+    assert ref["test_ref_logp_acc"] == pytest.approx(float(np.mean(mean_logp("chosen") > mean_logp("rejected"))))
+
+    # the same 3 held-out prompts, one response each from the reference and the policy
+    smp = s["samples"]
+    assert smp["prompts"] == [e.prompt for e in splits.test[:3]]
+    assert set(smp["responses"]) == {"reference", "kldpo"} and all(len(v) == 3 for v in smp["responses"].values())
+    assert json.loads((out / "seed_0" / "summary.json").read_text())["samples"] == smp
+    md = (out / "results.md").read_text()
+    assert "Responses to held-out prompts" in md and "95% CI low" in md and "KL to ref" in md

@@ -177,13 +177,131 @@ class QualityEvaluator(SampledEvaluator):
                 f"{m['pair_label_acc']:.3f}  pairs {int(m['n_pairs'])}  KL {m['kl_to_ref']:.2f}")
 
 
+class _ChatTokenizer:
+    """What :func:`~alignshift.eval.shift_eval.sample_and_score` reads of a tokenizer
+    (``eos_id``, ``pad_id``, ``decode``), for a Hugging Face tokenizer: generation stops at
+    its EOS (ChatML's ``<|im_end|>``: the end of the assistant turn); special tokens are
+    dropped from the decoded text."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        pad = tok.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tok.eos_token_id or 0))
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def binomial_ci(hits: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion (``hits``: booleans, one per pair)."""
+    n = len(hits)
+    if not n:
+        return NAN, NAN
+    p = float(np.mean(hits))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
 class HeldOutEvaluator(Evaluator):
     """Real data: implicit-reward preference accuracy and reward margin on the held-out test
-    (and validation) pairs; no reference row and no sampling (no reward model)."""
+    (and validation) pairs. By default no reference row and no sampling (no reward model).
 
-    columns = [("test_pref_acc", "test pref. acc."), ("test_reward_margin", "test reward margin"),
-               ("val_pref_acc", "val pref. acc."), ("train_time_s", "train time (s)")]
+    Options (``eval``; off by default, and then the outputs are exactly the above):
+
+    * ``reference_row``: a reference row, and Wilson 95% intervals ``<split>_pref_acc_lo/hi``
+      of every row's accuracy. The reference policy's implicit reward is 0 for every pair
+      (log π_ref − log π_ref), so its ``<split>_pref_acc`` is reported as NaN ("—") and its
+      margin as 0; what it is measured by instead is its OWN ranking,
+      ``<split>_ref_logp_acc``: the fraction of pairs whose chosen response has the higher
+      MEAN per-token log-prob under the reference (summed log-probs favour short responses);
+      ``<split>_ref_sum_logp_acc`` is the same with summed log-probs.
+    * ``sample_prompts = N > 0``: for the first N held-out test prompts (chat-templated,
+      left-padded, as encoded), one response each from the reference and from every trained
+      policy (KV-cached sampler, ``eval.temperature/top_p/max_new_tokens``; temperature 0 is
+      greedy), scored by :func:`~alignshift.eval.shift_eval.sample_and_score`: ``kl_to_ref``
+      is the Monte-Carlo mean of log π(y) − log π_ref(y) over the policy's own responses (an
+      unbiased KL estimate only when sampling at temperature 1, top_p 1), ``response_words``
+      their mean length in words. The texts go to ``summary["samples"]`` (``prompts``,
+      ``responses: {row name: [text]}``) and the seed's ``summary.json``.
+    """
+
+    reference_name = "reference"  # the loaded model itself: there is no SFT phase on real data
+    base_columns = [("test_pref_acc", "test pref. acc."), ("test_reward_margin", "test reward margin"),
+                    ("val_pref_acc", "val pref. acc."), ("train_time_s", "train time (s)")]
+    columns = base_columns
     name_width = 12
+
+    def __init__(self):
+        self.samples = None
+        self._n_evaluated = 0
+
+    def _options(self, ctx):
+        e = ctx.cfg.eval
+        return bool(getattr(e, "reference_row", False)), int(getattr(e, "sample_prompts", 0) or 0)
+
+    def setup(self, ctx) -> dict | None:
+        ref_row, n_sample = self._options(ctx)
+        self.samples, self._n_evaluated = None, 0
+        self.columns = list(self.base_columns)
+        if not ref_row and n_sample <= 0:
+            return None
+        row: dict = {}
+        if ref_row:
+            self.columns = [("test_pref_acc", "test pref. acc."), ("test_pref_acc_lo", "95% CI low"),
+                            ("test_pref_acc_hi", "95% CI high"), ("test_reward_margin", "test reward margin"),
+                            ("test_ref_logp_acc", "ref. mean log-prob ranking acc."),
+                            ("val_pref_acc", "val pref. acc."), ("train_time_s", "train time (s)")]
+            for split in ("test", "val"):
+                if split in ctx.sets:
+                    row.update(self._reference_ranking(ctx, split))
+        if n_sample > 0 and "test" in ctx.sets:
+            n = min(n_sample, ctx.sets["test"]["prompt_ids"].shape[0])
+            arrays = ctx.sets["test"]
+            self.prompt_arrays = {"prompt_ids": np.asarray(arrays["prompt_ids"][:n]),
+                                  "prompt_mask": np.asarray(arrays["prompt_mask"][:n])}
+            examples = ctx.data.split("test")[:n]
+            self.prompts = [ex.prompt for ex in examples]
+            self.samples = {"prompts": self.prompts,
+                            "turns": [len(ex.meta.get("prompt_messages") or [None]) for ex in examples],
+                            "temperature": float(ctx.cfg.eval.temperature),
+                            "max_new_tokens": int(ctx.cfg.eval.max_new_tokens), "responses": {}}
+            ctx.summary["samples"] = self.samples
+            self.columns = self.columns[:-1] + [("kl_to_ref", "KL to ref (sampled)"),
+                                                ("response_words", "response words"), self.columns[-1]]
+            row.update(self._sample(ctx, ctx.ref_params, self.reference_name))
+        return row
+
+    def _reference_ranking(self, ctx, split: str) -> dict:
+        """The reference's own ranking of the split's pairs (mean and summed log-probs)."""
+        from alignshift.train.phases import precompute_reference_logps
+
+        a = ctx.sets[split]
+        if "reference_chosen_logps" in a and "reference_rejected_logps" in a:
+            c, r = np.asarray(a["reference_chosen_logps"]), np.asarray(a["reference_rejected_logps"])
+        else:
+            lp = precompute_reference_logps(ctx.logits_fn, ctx.ref_params, a, groups=("chosen", "rejected"),
+                                            batch_size=ctx.cfg.eval.batch_size)
+            c, r = lp["reference_chosen_logps"], lp["reference_rejected_logps"]
+        # the tokens scored: the loss mask after the next-token shift
+        nc = np.maximum(np.asarray(a["chosen_loss_mask"])[:, 1:].sum(1), 1)
+        nr = np.maximum(np.asarray(a["rejected_loss_mask"])[:, 1:].sum(1), 1)
+        hit = c / nc > r / nr
+        lo, hi = binomial_ci(hit)
+        return {f"{split}_pref_acc": NAN, f"{split}_reward_margin": 0.0, f"{split}_ref_logp_acc": float(hit.mean()),
+                f"{split}_ref_logp_acc_lo": lo, f"{split}_ref_logp_acc_hi": hi,
+                f"{split}_ref_sum_logp_acc": float(np.mean(c > r)), f"{split}_n_pairs": float(len(hit))}
+
+    def _sample(self, ctx, params, name: str) -> dict:
+        e = ctx.cfg.eval
+        ev = sample_and_score(ctx.graphdef, ctx.rest, params, ctx.ref_params, self.prompt_arrays, self.prompts,
+                              tokenizer=_ChatTokenizer(ctx.tokenizer), reward_fn=lambda p, r: 0.0,
+                              metrics_fn=lambda p, r: {"response_words": float(len(r.split()))},
+                              key=ctx.eval_key, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                              top_p=e.top_p, batch_size=e.batch_size)
+        self.samples["responses"][name] = list(ev["responses"])
+        return {"kl_to_ref": ev["kl_to_ref"], "response_words": ev["response_words"]}
 
     def during_training(self, ctx, objective):
         if "test" not in ctx.sets or not ctx.cfg.train.eval_every:
@@ -193,14 +311,34 @@ class HeldOutEvaluator(Evaluator):
                                                                    batch_size=bs)["pref_acc"]}
 
     def evaluate(self, ctx, objective, params) -> dict:
+        ref_row, n_sample = self._options(ctx)
+        # the driver evaluates the methods in config order: the k-th call is methods[k]
+        names = [m.name for m in ctx.cfg.methods]
+        k, self._n_evaluated = self._n_evaluated, self._n_evaluated + 1
+        name = names[k] if k < len(names) else f"policy {k}"
         row = {}
         for split in ("test", "val"):
             if split in ctx.sets:
-                acc = preference_accuracy(ctx.logits_fn, params, ctx.sets[split], objective,
-                                          batch_size=ctx.cfg.eval.batch_size)
-                row[f"{split}_pref_acc"] = acc["pref_acc"]
-                row[f"{split}_reward_margin"] = acc["reward_margin"]
+                if not ref_row:
+                    acc = preference_accuracy(ctx.logits_fn, params, ctx.sets[split], objective,
+                                              batch_size=ctx.cfg.eval.batch_size)
+                    row[f"{split}_pref_acc"] = acc["pref_acc"]
+                    row[f"{split}_reward_margin"] = acc["reward_margin"]
+                    continue
+                c, r = implicit_rewards(ctx.logits_fn, params, ctx.sets[split], objective,
+                                        batch_size=ctx.cfg.eval.batch_size)
+                hit = c > r  # ties count as wrong, as in preference_accuracy
+                lo, hi = binomial_ci(hit)
+                row.update({f"{split}_pref_acc": float(np.mean(hit)), f"{split}_pref_acc_lo": lo,
+                            f"{split}_pref_acc_hi": hi, f"{split}_reward_margin": float(np.mean(c - r)),
+                            f"{split}_n_pairs": float(len(hit))})
+        if n_sample > 0 and self.samples is not None:
+            row.update(self._sample(ctx, params, name))
         return row
+
+    def finish(self, summary: dict, out: str) -> None:
+        if self.samples is not None:
+            summary["samples"] = self.samples
 
 
 class AlphaSweepEvaluator(Evaluator):

@@ -43,6 +43,32 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # keys of data.dataset_kwargs read by this experiment (DoRA's source shares), not by the adapter
 SOURCE_KWARGS = ("source_shares", "source_share")
+# data.dataset_kwargs.holdout_ratio (read here, not by the adapter): the test split is a seeded
+# share of the adapter's train split (for one local file whose "test" split is the same rows)
+HOLDOUT_KWARG = "holdout_ratio"
+
+
+def hold_out(splits, ratio: float, seed: int, report: SkippedRows):
+    """``splits`` with ``test`` = a seeded ``ratio`` share of ``train`` (round(ratio·n), at
+    least 1) and ``train`` the rest, both in file order; the adapter's own test split is
+    dropped, and so are its entries in the skipped-rows ``report``."""
+    n = len(splits.train)
+    n_test = max(1, round(ratio * n)) if n else 0
+    chosen = set(np.random.default_rng(seed).permutation(n)[:n_test].tolist())
+    dropped = {k: v for k, v in report.by_source.items() if k.endswith("/test")}
+    for k, v in dropped.items():
+        report.count -= v
+        del report.by_source[k]
+    if dropped:
+        report.reasons = list(dict.fromkeys(report.reasons))  # the same rows' messages again
+    splits.test = [e for i, e in enumerate(splits.train) if i in chosen]
+    splits.train = [e for i, e in enumerate(splits.train) if i not in chosen]
+    splits.info["holdout"] = {"ratio": float(ratio), "seed": int(seed), "n_test": len(splits.test)}
+    if report.count:
+        splits.info["skipped_rows"] = {"count": report.count, "by_source": dict(report.by_source)}
+    else:
+        splits.info.pop("skipped_rows", None)
+    return splits
 
 
 def _json_safe(x):
@@ -74,6 +100,9 @@ def check_config(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"config key 'methods.{i}.example_weights' is a benchmark-only option; "
                               "give real data a 'weight' field instead")
     split_source_kwargs(cfg)  # the source-share keys' types (and their presence, for DoRA)
+    r = cfg.data.dataset_kwargs.get("holdout_ratio")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1):
+        raise ConfigError(f"config key 'data.dataset_kwargs.holdout_ratio' must be a number in (0, 1); got {r!r}")
 
 
 def _share(v, key: str) -> float:
@@ -219,8 +248,11 @@ class PreferenceHFExperiment(Experiment):
         cfg = ctx.cfg
         skipped = SkippedRows()
         dataset_kwargs, source_spec = split_source_kwargs(cfg)
+        holdout = dataset_kwargs.pop(HOLDOUT_KWARG, None)
         splits = load_dataset_splits(cfg.data.dataset, cfg.data.dataset_source or None,
                                      skip_bad_rows=cfg.data.skip_bad_rows, report=skipped, **dataset_kwargs)
+        if holdout:
+            splits = hold_out(splits, holdout, int(dataset_kwargs.get("seed", 0)) + 1, skipped)
         wanted = {m.train_data for m in cfg.methods}
         needs_val = bool(wanted & {"val", "train+val"}) or any("val_batch" in objective_for(m).requires for m in cfg.methods)
         if needs_val and not splits.val:
@@ -246,12 +278,17 @@ class PreferenceHFExperiment(Experiment):
         from alignshift.data.chat import encode_chat_pairs
 
         d = ctx.cfg.data
+        # KTO's mismatched kl_* rows only when a method reads them (their reference log-probs
+        # are a third forward pass over every set otherwise)
+        kl_rows = any("kl_completions" in objective_for(m).requires for m in ctx.cfg.methods)
         ctx.sets = {}
         for split, columns in ctx.extra["columns"].items():
             arrays = encode_chat_pairs(ctx.tokenizer, ctx.data.split(split), max_prompt_len=d.max_prompt_len,
                                        max_completion_len=d.max_completion_len, mode=d.chat_mode,
                                        system_prompt=d.system_prompt or None)
             arrays.update(columns)
+            if not kl_rows:
+                arrays = {k: v for k, v in arrays.items() if not k.startswith("kl_")}
             ctx.sets[split] = arrays
 
     def build_reference(self, ctx: SeedContext) -> None:
@@ -295,5 +332,28 @@ class PreferenceHFExperiment(Experiment):
         summary.update({"data_info": summaries[0]["data_info"], "mesh": {k: int(v) for k, v in self.mesh.shape.items()}})
         return summary
 
+    def results_md(self, cfg, summary: dict) -> str:
+        text = super().results_md(cfg, summary)
+        samples = summary.get("samples")
+        if samples:
+            text += "\n\n" + format_samples(samples, limit=3)
+        return text
+
     def results_title(self, cfg, summary: dict) -> str:
         return f"## {cfg.scenario}: {cfg.data.dataset} with {os.path.basename(cfg.model.hf_path.rstrip('/'))}"
+
+
+def format_samples(samples: dict, *, limit: int = 3, width: int = 400) -> str:
+    """Markdown: the first ``limit`` held-out prompts and each row's response to them."""
+    def clip(t: str) -> str:
+        t = " ".join(t.split())
+        return (t[:width] + " …") if len(t) > width else t
+
+    how = "greedy" if samples.get("temperature", 1.0) == 0 else f"sampled at temperature {samples['temperature']:g}"
+    lines = [f"### Responses to held-out prompts ({how}, at most {samples.get('max_new_tokens')} new tokens)"]
+    for i, prompt in enumerate(samples["prompts"][:limit]):
+        turns = samples.get("turns", [1] * len(samples["prompts"]))[i]
+        lines.append(f"\n**Prompt {i + 1}**" + (f" (last of {turns} turns)" if turns > 1 else "") + f": {clip(prompt)}\n")
+        for name, responses in samples["responses"].items():
+            lines.append(f"- *{name}*: {clip(responses[i]) or '(empty)'}")
+    return "\n".join(lines)
