@@ -13,7 +13,7 @@ models (:mod:`alignshift.rewards`). It imports models and losses only.
   the reference log-probs from the batch or a frozen reference forward; listwise ``cand_*``
   batches flattened to one forward;
 * :func:`attach_reference` — precompute a batch's reference log-probs outside the gradient;
-* :func:`objective_inputs` — training and validation inputs of one step;
+* :func:`validation_inputs` — the detached features of a deployment/validation batch;
 * :func:`map_batches` — a jitted per-example function over a whole dataset in fixed-size
   padded batches (one compiled shape).
 
@@ -47,12 +47,12 @@ __all__ = [
     "list_inputs",
     "make_logits_fn",
     "map_batches",
-    "objective_inputs",
     "policy_inputs",
     "reference_logps",
     "response_windows",
     "sequence_groups",
     "split_model",
+    "validation_inputs",
 ]
 
 
@@ -281,14 +281,6 @@ def validation_inputs(logits_fn, params, val_batch, objective: Objective):
     if val_batch is None:
         raise ValueError(f"weighting {objective.weighting!r} needs a validation batch (val_batch)")
     return jax.lax.stop_gradient(policy_inputs(logits_fn, jax.lax.stop_gradient(params), val_batch, objective))
-
-
-def objective_inputs(logits_fn, params, batch, objective: Objective, val_batch=None, step=None):
-    """``(inputs, val_inputs)`` of one training step, reference log-probs already in the batches
-    (:func:`attach_reference`); ``inputs["step"]`` is the state's step (e.g. for a warm-up)."""
-    inputs = policy_inputs(logits_fn, params, batch, objective)
-    inputs["step"] = step
-    return inputs, validation_inputs(logits_fn, params, val_batch, objective)
 
 
 # ------------------------------------------------------------------ whole datasets
