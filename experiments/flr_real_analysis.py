@@ -1,6 +1,6 @@
 """Follow-up analysis of the FLR-on-real-pairs sweep (docs/results/flr_real.md).
 
-    python experiments/configs/flr_real_analysis.py --data PATH/hh_harmless_test_dev.jsonl \
+    python experiments/flr_real_analysis.py --data PATH/hh_harmless_test_dev.jsonl \
         --runs run1.json:run1.npz [run2.json:run2.npz ...] \
         --model ~/.cache/alignshift/smollm2-135m-instruct [--out a.json]
 
