@@ -19,7 +19,6 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from alignshift import __version__
@@ -35,11 +34,11 @@ from alignshift.experiment.driver import (
 )
 from alignshift.experiment.evaluators import HeldOutEvaluator
 from alignshift.forward import split_model
+from alignshift.models.layers import DTYPES
 from alignshift.train.phases import add_lora, objective_for
 
 __all__ = ["PreferenceHFExperiment", "check_config", "source_columns", "split_source_kwargs", "SOURCE_KWARGS"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # keys of data.dataset_kwargs read by this experiment (DoRA's source shares), not by the adapter
 SOURCE_KWARGS = ("source_shares", "source_share")
@@ -297,7 +296,7 @@ class PreferenceHFExperiment(Experiment):
         from alignshift.parallel import shard_params
 
         cfg, tok = ctx.cfg, ctx.tokenizer
-        model = load_hf_model(cfg.model.hf_path, dtype=_DTYPES[cfg.model.dtype], mesh=self.mesh, remat=cfg.model.remat)
+        model = load_hf_model(cfg.model.hf_path, dtype=DTYPES[cfg.model.dtype], mesh=self.mesh, remat=cfg.model.remat)
         if len(tok) > model.config.vocab_size:
             raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}")
         if cfg.model.lora.enabled:
