@@ -152,8 +152,23 @@ class TrainConfig:
     # 0 = off (every batch padded to the full data.max_prompt_len + data.max_completion_len).
     # Pairwise batches only: refused with listwise base losses (pl, rrhf, lire).
     length_bucket: int = 0
+    # gradient accumulation: each step's batch (train.batch_size pairs, the effective batch) is
+    # split into this many equal micro-batches run one after another; the update equals one step
+    # over the whole batch (alignshift/train/accumulate.py). batch_size must be divisible by it.
+    grad_accum_steps: int = 1
+    # with grad_accum_steps > 1, what a batch-coupled weighting rule (KLDPO's tilt, DR-DPO's and
+    # DoRA's log-mean-exp, IW-DPO's KMM, KTO's reference point) reduces over: "global" (the whole
+    # batch: a forward-only pass computes every example's loss first) or "micro_batch" (each
+    # micro-batch is its own batch, as the authors' DR-DPO code does with gradient accumulation)
+    weighting_scope: str = "global"
+    # pack pairs into fixed-length rows (segment ids; attention confined to a segment; positions
+    # restart per segment) instead of padding each sequence to the longest row
+    packing: bool = False
+    # lay a pair out as [prompt | chosen | rejected] in one row (the prompt computed once)
+    share_prompt: bool = False
 
 
+WEIGHTING_SCOPES = ("global", "micro_batch")
 TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")
 
 
@@ -476,6 +491,14 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
             raise ConfigError(f"config key {key!r} must be >= {low}; got {v}")
     _check_optim("sft.optim", cfg.sft.optim)
     _check_optim("train.optim", cfg.train.optim)
+    if cfg.train.grad_accum_steps < 1:
+        raise ConfigError(f"config key 'train.grad_accum_steps' must be >= 1; got {cfg.train.grad_accum_steps}")
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by "
+                          f"'train.grad_accum_steps' ({cfg.train.grad_accum_steps}): the micro-batches are equal")
+    if cfg.train.weighting_scope not in WEIGHTING_SCOPES:
+        raise ConfigError(f"config key 'train.weighting_scope' must be one of {WEIGHTING_SCOPES}; "
+                          f"got {cfg.train.weighting_scope!r}")
     if cfg.data.truncation not in TRUNCATION_POLICIES:
         raise ConfigError(f"config key 'data.truncation' must be one of {TRUNCATION_POLICIES}; "
                           f"got {cfg.data.truncation!r}")
