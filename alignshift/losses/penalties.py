@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from alignshift.losses.hparams import NONNEGATIVE, HParam
 
-__all__ = ["PENALTIES", "PENALTY_HPARAMS", "GRADIENT_MODES", "PenaltyGradient", "wdpo_pair_penalties", "wdpo_penalty"]
+__all__ = ["PENALTIES", "PENALTY_FROM_PAIRS", "PENALTY_HPARAMS", "GRADIENT_MODES", "PenaltyGradient", "penalty_from_pairs",
+           "penalty_is_mean", "wdpo_pair_penalties", "wdpo_penalty", "wdpo_penalty_from_pairs"]
 
 PENALTY_KINDS = ("squared_mean", "sqrt_mean")
 
@@ -95,13 +96,32 @@ def wdpo_penalty(embed_grads: jax.Array, n_pairs: int, *, rho: float = 0.01, pen
     if penalty not in PENALTY_KINDS:
         raise ValueError(f"unknown WDPO penalty {penalty!r}; choose one of {PENALTY_KINDS}")
     p = wdpo_pair_penalties(embed_grads, n_pairs)
+    return wdpo_penalty_from_pairs(p, rho=rho, penalty=penalty), p
+
+
+def wdpo_penalty_from_pairs(p: jax.Array, *, rho: float = 0.01, penalty: str = "squared_mean") -> jax.Array:
+    """The penalty from the per-pair terms ``P_i`` [n]: ``ρ·mean P`` or ``ρ·sqrt(mean P)``
+    (gradient accumulation reduces the whole batch's ``P`` with it)."""
     m = p.mean()
     # sqrt with a safe gradient at 0 (all-zero gradients, e.g. a saturated batch)
     agg = m if penalty == "squared_mean" else jnp.sqrt(jnp.maximum(m, 1e-20))
-    return rho * agg, p
+    return rho * agg
+
+
+def penalty_from_pairs(name: str, p: jax.Array, kwargs: dict) -> jax.Array:
+    """Penalty ``name``'s value from its per-pair terms ``p`` [n] (see :data:`PENALTY_FROM_PAIRS`)."""
+    return PENALTY_FROM_PAIRS[name](p, **kwargs)
+
+
+def penalty_is_mean(name: str, kwargs: dict) -> bool:
+    """Whether penalty ``name`` with ``kwargs`` is a plain mean of its per-pair terms (a sum over
+    pairs: gradient accumulation may reduce each micro-batch on its own)."""
+    return name == "wdpo" and kwargs.get("penalty", "squared_mean") == "squared_mean"
 
 
 PENALTIES = {"wdpo": wdpo_penalty}
+# each penalty as a function of its per-pair terms (P [n], **penalty_kwargs) -> scalar
+PENALTY_FROM_PAIRS = {"wdpo": wdpo_penalty_from_pairs}
 
 # each penalty's hyper-parameters (penalty_kwargs), validated by alignshift.losses.objective.check_hparams;
 # ``penalty`` is further checked by make_objective (PENALTY_KINDS)

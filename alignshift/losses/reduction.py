@@ -154,7 +154,12 @@ class WeightingRule:
       :data:`alignshift.losses.objective.REQUIREMENTS`: ``"val_batch"``, ``"wpo_terms"``,
       ``"source"``);
     * ``collectives`` — it reduces over the batch and takes ``axis_name`` (collectives under
-      ``pmap``/``shard_map``).
+      ``pmap``/``shard_map``);
+    * ``per_example`` — the objective is ``mean_i c_i·ℓ_i`` with each ``c_i`` a function of example
+      ``i`` alone (a bool, or a function of the rule's hyper-parameters, e.g. WPO unless it
+      normalises over the batch): gradient accumulation may then reduce each micro-batch on its
+      own (one pass) instead of weighting the whole batch first (:mod:`alignshift.train.accumulate`).
+      False (the safe default) for every rule that couples the batch's examples.
     """
 
     objective: Callable[..., jax.Array]
@@ -162,6 +167,11 @@ class WeightingRule:
     hparams: tuple[HParam, ...] = ()
     requires: frozenset[str] = frozenset()
     collectives: bool = False
+    per_example: bool | Callable[[dict], bool] = False
+
+    def is_per_example(self, hp: dict) -> bool:
+        """``per_example`` for the hyper-parameters ``hp`` (see the class docstring)."""
+        return bool(self.per_example(hp) if callable(self.per_example) else self.per_example)
 
 
 

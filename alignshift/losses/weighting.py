@@ -208,8 +208,9 @@ _IW_HPARAMS = (
 )
 
 WEIGHTING_RULES: dict[str, WeightingRule] = {
-    "uniform": WeightingRule(uniform_rule),
-    "wpo": WeightingRule(wpo_rule, requires=frozenset({"wpo_terms"}), hparams=(
+    "uniform": WeightingRule(uniform_rule, per_example=True),
+    "wpo": WeightingRule(wpo_rule, requires=frozenset({"wpo_terms"}), per_example=lambda hp: not hp.get("normalize", False),
+                         hparams=(
         HParam("clip", 1.0, ("None", "float"), NONNEGATIVE),
         HParam("normalize", False, ("bool",)),
     )),
