@@ -127,6 +127,17 @@ def kldpo_tilt_weights(
     * ``normalize=True`` (the paper's normalised Gibbs weights): ``w = n·softmax(L/τ)``
       computed with a max-shift, optionally clamped.
 
+    **Step-size confound.** Without the clamp, ``u = c·n·softmax(L/τ)`` with
+    ``c = mean_j exp((L_j − L̄)/τ) ≥ 1`` (Jensen): the authors' gradient is the normalised
+    tilt's gradient times ``c``, an implicit learning-rate multiplier that grows as τ shrinks
+    or the losses spread (with the clamp, each weight is capped at ``clamp``, so ``c ≤ clamp``:
+    up to 10× at the authors' setting). Against DPO at the same learning rate, the authors'
+    form therefore changes two things at once — which pairs carry the weight, and how big the
+    step is. ``normalize=True`` (mean-1 weights) isolates the first; compare both forms (the
+    configs list ``normalize: true`` rows next to the authors' form) or tune the learning rate
+    per method (``tuning:``) before reading a KLDPO gain as robustness
+    (docs/results/recipes.md).
+
     As ``τ → ∞`` both tend to 1 (plain DPO). Under ``shard_map``/``pmap`` pass ``axis_name``.
     """
     del val_features, aux
