@@ -101,6 +101,9 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
+    """AdamW with a linear warm-up from 0 to ``lr`` and a cosine decay to ``min_lr_ratio·lr``
+    (``alignshift.train.optim.make_schedule``)."""
+
     lr: float = 1e-3
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -108,6 +111,14 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8  # Adam's epsilon
+    # > 0: the warm-up lasts ceil(warmup_ratio x schedule steps) steps (OpenRLHF's / HF's
+    # warmup_ratio) instead of warmup_steps; 0 = warmup_steps
+    warmup_ratio: float = 0.0
+    # the cosine ends at min_lr_ratio x lr (OpenRLHF's cosine_with_min_lr: 0.1); 0 = decays to 0
+    min_lr_ratio: float = 0.0
+    # length of the schedule in steps (0 = the phase's steps): > steps runs the first steps of a
+    # longer schedule (a paper's N-epoch schedule evaluated at an earlier checkpoint)
+    schedule_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -412,15 +423,22 @@ def _dump(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _check_optim(prefix: str, o: OptimConfig) -> None:
+def _check_optim(prefix: str, o: OptimConfig, explicit=frozenset()) -> None:
     import math
 
     for name in ("lr", "weight_decay", "grad_clip", "b1", "b2", "eps"):
         if not math.isfinite(getattr(o, name)):
             raise ConfigError(f"config key '{prefix}.{name}' must be finite; got {getattr(o, name)!r}")
-    for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
+    for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "schedule_steps"):
         if getattr(o, name) < 0:
             raise ConfigError(f"config key '{prefix}.{name}' must be >= 0; got {getattr(o, name)!r}")
+    if not (math.isfinite(o.warmup_ratio) and 0.0 <= o.warmup_ratio < 1.0):
+        raise ConfigError(f"config key '{prefix}.warmup_ratio' must be in [0, 1); got {o.warmup_ratio!r}")
+    if not (math.isfinite(o.min_lr_ratio) and 0.0 <= o.min_lr_ratio <= 1.0):
+        raise ConfigError(f"config key '{prefix}.min_lr_ratio' must be in [0, 1]; got {o.min_lr_ratio!r}")
+    if o.warmup_ratio > 0 and o.warmup_steps and f"{prefix}.warmup_steps" in explicit:
+        raise ConfigError(f"config keys '{prefix}.warmup_steps' and '{prefix}.warmup_ratio' are both set: the "
+                          "warm-up is one or the other (set warmup_steps to 0, or warmup_ratio to 0)")
     for name in ("b1", "b2"):
         if not 0.0 <= getattr(o, name) < 1.0:
             raise ConfigError(f"config key '{prefix}.{name}' must be in [0, 1); got {getattr(o, name)!r}")
@@ -489,8 +507,8 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
         v = getattr(getattr(cfg, section), name)
         if v < low:
             raise ConfigError(f"config key {key!r} must be >= {low}; got {v}")
-    _check_optim("sft.optim", cfg.sft.optim)
-    _check_optim("train.optim", cfg.train.optim)
+    _check_optim("sft.optim", cfg.sft.optim, explicit)
+    _check_optim("train.optim", cfg.train.optim, explicit)
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError(f"config key 'train.grad_accum_steps' must be >= 1; got {cfg.train.grad_accum_steps}")
     if cfg.train.batch_size % cfg.train.grad_accum_steps:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alignshift.config import load_config
 from alignshift.dryrun import load_plan_config
 from alignshift.losses import make_objective
 
@@ -92,3 +93,101 @@ def test_every_authors_form_kldpo_row_has_a_normalised_sibling(path):
     for m in rows:
         if not m.weighting_kwargs.get("normalize", False):
             assert key(m) in normalised, f"{_name(path)}: {m.name} has no normalize: true sibling"
+
+
+# ------------------------------------------------------------------ 2. the KLDPO LLM schedule and batches
+
+def _hf_cosine_with_min_lr(step, lr, warmup, total, min_ratio):
+    """HF ``get_cosine_with_min_lr_schedule_with_warmup`` (OpenRLHF's schedule), float64."""
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    factor = 0.5 * (1.0 + np.cos(np.pi * progress))
+    return lr * (factor * (1.0 - min_ratio) + min_ratio)
+
+
+def test_kldpo_llm_schedule_is_the_papers():
+    """kldpo_helpsteer2_llama32_1b.yaml: 8 epochs (632 steps), 10% warm-up (ceil(63.2) = 64
+    steps), cosine down to 0.1·lr, lr 5e-7, β 0.01, effective batch 128."""
+    from alignshift.train.optim import make_schedule, warmup_length
+
+    cfg = load_config(os.path.join(ROOT, "experiments", "configs", "kldpo_helpsteer2_llama32_1b.yaml"))
+    o = cfg.train.optim
+    assert (o.lr, o.warmup_ratio, o.min_lr_ratio, o.schedule_steps) == (5e-7, 0.1, 0.1, 632)
+    assert cfg.train.steps == 632 and cfg.train.batch_size == 128
+    assert {m.base_kwargs["beta"] for m in cfg.methods} == {0.01}
+    assert warmup_length(o, cfg.train.steps) == 64
+    sched = make_schedule(o, cfg.train.steps)
+    assert float(sched(0)) == 0.0
+    assert float(sched(64)) == pytest.approx(5e-7, rel=1e-6)  # end of the warm-up: the peak
+    assert float(sched(632)) == pytest.approx(5e-8, rel=1e-6)  # the end: 0.1·lr
+    steps = np.arange(0, 633, 7)
+    ours = np.asarray([float(sched(int(s))) for s in steps])
+    ref = np.asarray([_hf_cosine_with_min_lr(s, 5e-7, 64, 632, 0.1) for s in steps])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-14)
+    # stopping at the authors' step-316 checkpoint keeps the 8-epoch schedule
+    short = make_schedule(o, 316)
+    assert float(short(200)) == pytest.approx(float(sched(200)), rel=1e-7)
+    # the former schedule (12 warm-up steps, cosine to 0 over 158) gave 36% less learning rate by step 158
+    old = make_schedule(load_config(None, ["train.optim.lr=5e-7", "train.optim.warmup_steps=12"]).train.optim, 158)
+    cum_old = sum(float(old(s)) for s in range(158))
+    cum_new = sum(float(sched(s)) for s in range(158))
+    assert 1 - cum_old / cum_new == pytest.approx(0.361, abs=0.002)
+
+
+def test_default_schedule_is_unchanged():
+    """warmup_ratio = min_lr_ratio = schedule_steps = 0 (the defaults): today's schedule, bit for bit."""
+    import optax
+
+    from alignshift.config import OptimConfig
+    from alignshift.train.optim import make_schedule
+
+    for total, warmup in ((150, 10), (20, 10), (5, 10)):
+        o = OptimConfig(lr=1e-4, warmup_steps=warmup)
+        w = min(warmup, total - 1)
+        old = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1e-4, warmup_steps=w,
+                                                 decay_steps=max(total, w + 1), end_value=0.0)
+        new = make_schedule(o, total)
+        assert all(float(new(s)) == float(old(s)) for s in range(total + 1))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.optim.warmup_ratio=0.1", "train.optim.warmup_steps=5"], r"'train.optim.warmup_steps' and "
+                                                                      r"'train.optim.warmup_ratio' are both set"),
+    (["train.optim.warmup_ratio=1.0"], r"'train.optim.warmup_ratio' must be in \[0, 1\)"),
+    (["train.optim.warmup_ratio=nan"], r"'train.optim.warmup_ratio' must be in \[0, 1\)"),
+    (["train.optim.min_lr_ratio=-0.1"], r"'train.optim.min_lr_ratio' must be in \[0, 1\]"),
+    (["sft.optim.min_lr_ratio=1.5"], r"'sft.optim.min_lr_ratio' must be in \[0, 1\]"),
+    (["train.optim.schedule_steps=-1"], r"'train.optim.schedule_steps' must be >= 0"),
+])
+def test_schedule_keys_are_validated(overrides, match):
+    from alignshift.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+# (config, effective batch, grad_accum_steps): the papers' / authors' global batch and micro-batches
+PAPER_BATCHES = {
+    "kldpo_helpsteer2_llama32_1b": (128, 4),  # 8 GPUs x 4 x 4 accumulation (train_alignment.sh)
+    "dora_hh_mistral": (32, 8),               # 4 GPUs x 1 x 8 accumulation (train_mistral_hh.sh)
+    "flr_ultrafeedback_llama3_8b": (8, 8),    # [INFER] LLaMA-Factory's DPO example, 1 x 8
+    "iw_dpo_safe_rlhf_llama3_8b": (64, 1),    # [INFER] not in the sources
+    "iw_dpo_shp_pythia_1.4b": (64, 1),        # [INFER] not in the sources
+}
+
+
+def test_warmup_ratio_with_warmup_steps_zero_is_accepted():
+    cfg = load_config(None, ["train.optim.warmup_steps=0", "train.optim.warmup_ratio=0.1", "train.steps=50"])
+    from alignshift.train.optim import warmup_length
+
+    assert warmup_length(cfg.train.optim, cfg.train.steps) == 5
+
+
+def test_per_paper_configs_use_the_papers_effective_batch():
+    paper = [p for p in CONFIGS if any(k in _name(p) for k in ("_llama", "_pythia", "_mistral"))]
+    assert {_name(p) for p in paper} == set(PAPER_BATCHES)
+    for p in paper:
+        cfg = load_config(p)
+        batch, accum = PAPER_BATCHES[_name(p)]
+        assert (cfg.train.batch_size, cfg.train.grad_accum_steps) == (batch, accum), _name(p)

@@ -1,5 +1,6 @@
-"""Optimiser construction: AdamW with linear warm-up + cosine decay and global-norm clipping,
-wrapped in :func:`skip_nonfinite` so a step whose loss or gradient is not finite is not applied.
+"""Optimiser construction: AdamW with linear warm-up + cosine decay (to ``min_lr_ratio·lr``) and
+global-norm clipping, wrapped in :func:`skip_nonfinite` so a step whose loss or gradient is not
+finite is not applied.
 
 The guard lives inside the optimiser, hence inside every jitted (or pmapped, or sharded) step
 that calls ``tx.update``: no host synchronisation per step. The train steps pass the loss as
@@ -11,6 +12,7 @@ run after ``train.max_consecutive_nonfinite`` consecutive ones.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +21,7 @@ import optax
 
 from alignshift.config import OptimConfig
 
-__all__ = ["make_schedule", "make_optimizer", "skip_nonfinite", "is_finite_step", "SkipNonFiniteState"]
+__all__ = ["make_schedule", "schedule_length", "warmup_length", "make_optimizer", "skip_nonfinite", "is_finite_step", "SkipNonFiniteState"]
 
 
 class SkipNonFiniteState(NamedTuple):
@@ -83,10 +85,31 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def schedule_length(cfg: OptimConfig, total_steps: int) -> int:
+    """The schedule's length in steps: ``cfg.schedule_steps``, or the phase's ``total_steps``."""
+    return cfg.schedule_steps if cfg.schedule_steps > 0 else total_steps
+
+
+def warmup_length(cfg: OptimConfig, total_steps: int) -> int:
+    """Warm-up steps: ``ceil(warmup_ratio · schedule length)`` when ``warmup_ratio > 0`` (as
+    OpenRLHF and HF ``TrainingArguments`` count it), else ``warmup_steps``; at most the schedule
+    length − 1."""
+    n = schedule_length(cfg, total_steps)
+    warmup = math.ceil(cfg.warmup_ratio * n) if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    return min(warmup, max(n - 1, 0))
+
+
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    """Linear warm-up from 0 to ``cfg.lr`` over :func:`warmup_length` steps, then a cosine from
+    ``cfg.lr`` down to ``cfg.min_lr_ratio · cfg.lr`` at the end of the schedule
+    (:func:`schedule_length`): HF's ``cosine_with_min_lr`` (OpenRLHF's schedule; 0.1 there).
+    The defaults (``warmup_ratio = min_lr_ratio = 0``, ``schedule_steps = 0``) are the
+    warm-up of ``warmup_steps`` and a cosine to 0 over ``total_steps``."""
+    n = schedule_length(cfg, total_steps)
+    warmup = warmup_length(cfg, total_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(n, warmup + 1),
+        end_value=cfg.min_lr_ratio * cfg.lr,
     )
 
 
