@@ -177,9 +177,16 @@ class TrainConfig:
     packing: bool = False
     # lay a pair out as [prompt | chosen | rejected] in one row (the prompt computed once)
     share_prompt: bool = False
+    # where training metrics also go (the metrics.jsonl names, plus the run's config): a list of
+    # "jsonl" (metrics.jsonl: always written, the results files read it), "tensorboard" (event
+    # files under <out>/tensorboard), "wandb" (Weights & Biases, offline unless logged in); one
+    # name alone is accepted too. alignshift/train/tracking.py; extras [tensorboard], [wandb]
+    report_to: list[str] | str = dataclasses.field(default_factory=lambda: ["jsonl"])
 
 
 WEIGHTING_SCOPES = ("global", "micro_batch")
+#: ``train.report_to`` names -> (the module the tracker needs, the pip extra that installs it)
+REPORT_TO = {"jsonl": (None, None), "tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}
 TRAIN_DATA_CHOICES = ("train", "val", "train+val", "oracle")
 
 
@@ -495,6 +502,26 @@ def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozense
     _validate_reliability(cfg, explicit, BASE_LOSSES, WEIGHTING_RULES)
 
 
+def report_to_list(value, *, check_installed: bool = False) -> list[str]:
+    """``train.report_to`` as a list of known names (a single name or a comma-separated string is
+    accepted); with ``check_installed`` a tracker whose package is missing is an error naming
+    the extra that installs it."""
+    import importlib.util
+
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"config key 'train.report_to' must be a name or a non-empty list of names from "
+                          f"{sorted(REPORT_TO)}; got {value!r}")
+    for n in names:
+        if n not in REPORT_TO:
+            raise ConfigError(f"config key 'train.report_to': unknown tracker {n!r}; choose from {sorted(REPORT_TO)}")
+        module, extra = REPORT_TO[n]
+        if check_installed and module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"config key 'train.report_to' asks for {n!r}, but its package {module!r} is not "
+                              f"installed: pip install 'alignshift[{extra}]' (from a clone: pip install -e '.[{extra}]')")
+    return list(dict.fromkeys(names))
+
+
 def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTING_RULES) -> None:
     """Impossible combinations and out-of-range loop/data settings (issue 10)."""
     from alignshift.data.schema import TRUNCATION_POLICIES
@@ -517,6 +544,7 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
     if cfg.train.weighting_scope not in WEIGHTING_SCOPES:
         raise ConfigError(f"config key 'train.weighting_scope' must be one of {WEIGHTING_SCOPES}; "
                           f"got {cfg.train.weighting_scope!r}")
+    report_to_list(cfg.train.report_to, check_installed=True)
     if cfg.data.truncation not in TRUNCATION_POLICIES:
         raise ConfigError(f"config key 'data.truncation' must be one of {TRUNCATION_POLICIES}; "
                           f"got {cfg.data.truncation!r}")
