@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from alignshift.losses.hparams import NONNEGATIVE, HParam
 
-__all__ = ["PENALTIES", "PENALTY_FROM_PAIRS", "PENALTY_HPARAMS", "GRADIENT_MODES", "PenaltyGradient", "penalty_from_pairs",
+__all__ = ["PAIR_PENALTY", "PENALTIES", "PENALTY_FROM_PAIRS", "PENALTY_HPARAMS", "GRADIENT_MODES", "PenaltyGradient", "penalty_from_pairs",
            "penalty_is_mean", "wdpo_pair_penalties", "wdpo_penalty", "wdpo_penalty_from_pairs"]
 
 PENALTY_KINDS = ("squared_mean", "sqrt_mean")
@@ -120,6 +120,8 @@ def penalty_is_mean(name: str, kwargs: dict) -> bool:
 
 
 PENALTIES = {"wdpo": wdpo_penalty}
+# the key of a batch's per-pair penalty terms among its per-example outputs (gradient accumulation)
+PAIR_PENALTY = "pair_penalty"
 # each penalty as a function of its per-pair terms (P [n], **penalty_kwargs) -> scalar
 PENALTY_FROM_PAIRS = {"wdpo": wdpo_penalty_from_pairs}
 

@@ -48,9 +48,12 @@ def penalty_terms(graphdef, rest, params, batch, objective: Objective, logits_fn
     return PENALTY_TERMS[objective.penalty].terms(graphdef, rest, params, batch, objective, logits_fn)
 
 
-def penalty_grads(objective: Objective, gradient: PenaltyGradient | None = None) -> Callable | None:
+def penalty_grads(objective: Objective, gradient: PenaltyGradient | None = None, *,
+                  with_outputs: bool = False) -> Callable | None:
     """``grads(graphdef, rest, params, batch, step) -> (loss, metrics, grads)`` for a first-order
-    ``gradient`` mode, or None (the step differentiates the loss: ``mode="exact"``)."""
+    ``gradient`` mode, or None (the step differentiates the loss: ``mode="exact"``). With
+    ``with_outputs`` it also returns the batch's per-example outputs (for gradient accumulation,
+    :mod:`alignshift.train.accumulate`)."""
     gradient = gradient or PenaltyGradient()
     if not gradient.first_order:
         return None
@@ -60,4 +63,4 @@ def penalty_grads(objective: Objective, gradient: PenaltyGradient | None = None)
                          f"({sorted(k for k, v in PENALTY_TERMS.items() if v.grads)}); the objective has penalty "
                          f"{objective.penalty!r}")
     return lambda graphdef, rest, params, batch, step: entry.grads(graphdef, rest, params, batch, objective, step,
-                                                                   gradient)
+                                                                   gradient, with_outputs=with_outputs)

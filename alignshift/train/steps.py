@@ -21,6 +21,7 @@ import optax
 from alignshift.forward import attach_reference, batch_sequence_logps, make_logits_fn, validation_inputs
 from alignshift.losses import Objective
 from alignshift.losses.penalties import PenaltyGradient
+from alignshift.train.accumulate import WEIGHTING_SCOPES, accumulated_loss_and_grads
 from alignshift.train.penalty import add_penalty, penalty_grads, penalty_terms
 
 __all__ = [
@@ -81,7 +82,8 @@ def step_inputs(graphdef, rest, params, batch, objective: Objective, val_batch, 
 
 
 def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chunk: int = 0,
-                         response_window: int = 0, penalty_gradient: PenaltyGradient | None = None) -> Callable:
+                         response_window: int = 0, penalty_gradient: PenaltyGradient | None = None,
+                         grad_accum_steps: int = 1, weighting_scope: str = "global") -> Callable:
     """``step(state, batch, ref_params=None, val_batch=None, frozen=None) -> (state, metrics)``.
 
     With ``ref_params=None`` the reference log-probs must be precomputed in the batch;
@@ -108,7 +110,18 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
 
     ``penalty_gradient`` (:class:`~alignshift.losses.penalties.PenaltyGradient`, default exact):
     how a penalty's parameter gradient is taken (WDPO: double backprop, or first-order passes).
+
+    ``grad_accum_steps = k > 1`` runs the batch as ``k`` equal micro-batches (one at a time) and
+    takes ONE optimiser step with the whole batch's gradient; ``weighting_scope`` says what a
+    batch-coupled rule reduces over (``"global"``: the whole batch, exactly as ``k = 1``;
+    ``"micro_batch"``: each micro-batch is its own batch). See :mod:`alignshift.train.accumulate`.
+    The metrics are the whole batch's (``"micro_batch"``: the micro-batches' mean).
     """
+    k = int(grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1; got {grad_accum_steps}")
+    if weighting_scope not in WEIGHTING_SCOPES:
+        raise ValueError(f"weighting_scope must be one of {WEIGHTING_SCOPES}; got {weighting_scope!r}")
 
     def loss_fn(params, batch, val_batch, step, rest_):
         inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest_, params, batch, objective, val_batch, step,
@@ -123,11 +136,18 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
     custom = penalty_grads(objective, penalty_gradient)  # a penalty's first-order gradient, or None
     loss_and_grads = backprop if custom is None else (
         lambda rest_, params, batch, val_batch, step: custom(graphdef, rest_, params, batch, step))
+    custom_outputs = penalty_grads(objective, penalty_gradient, with_outputs=True)
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None, frozen=None):
         rest_ = rest if frozen is None else frozen
         logits_fn = make_logits_fn(graphdef, rest_, logits_chunk=logits_chunk, response_window=response_window)
+        if k > 1:
+            loss, metrics, grads = accumulated_loss_and_grads(
+                graphdef, rest_, state["params"], batch, val_batch, ref_params, state["step"], objective=objective,
+                logits_fn=logits_fn, k=k, scope=weighting_scope, custom=custom_outputs)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            return apply_gradients(state, grads, tx, loss), metrics
         batch = attach_reference(logits_fn, batch, objective, ref_params)
         val_batch = attach_reference(logits_fn, val_batch, objective, ref_params)
         loss, metrics, grads = loss_and_grads(rest_, state["params"], batch, val_batch, state["step"])

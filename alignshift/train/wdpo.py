@@ -29,7 +29,7 @@ from alignshift.forward import (
 )
 from alignshift.losses import Objective, sequence_logps
 from alignshift.losses.logps import sequence_logps_wpo
-from alignshift.losses.penalties import PENALTIES, PenaltyGradient
+from alignshift.losses.penalties import PAIR_PENALTY, PENALTIES, PenaltyGradient
 
 __all__ = ["add_penalty", "wdpo_first_order_grads", "wdpo_inputs_and_penalty"]
 
@@ -59,7 +59,7 @@ def wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective: Objective,
 
 
 def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, step,
-                           gradient: PenaltyGradient):
+                           gradient: PenaltyGradient, *, with_outputs: bool = False):
     """WDPO's loss, metrics and parameter gradient WITHOUT reverse-over-reverse differentiation.
 
     With ``S(θ, δ) = Σ_i L_i(θ, e(θ) + δ)`` and ``g = ∂S/∂δ`` at ``δ = 0`` (the per-pair
@@ -82,7 +82,9 @@ def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, 
 
     Only for the plain mean objective (``weighting="uniform"``, no data weights, no KL
     completions); reference log-probs must already be in ``batch`` (:func:`attach_reference`).
-    Returns ``(loss, metrics, grads)``."""
+    Returns ``(loss, metrics, grads)``, and with ``with_outputs`` also the per-example outputs
+    (the objective's inputs and the per-pair penalties under ``PAIR_PENALTY``; gradient
+    accumulation evaluates the whole batch's objective on them)."""
     kw = objective.penalty_kwargs
     mode = gradient.mode
     if objective.weighting != "uniform" or "kl_completions" in objective.requires or "weight" in batch:
@@ -138,11 +140,12 @@ def wdpo_first_order_grads(graphdef, rest, params, batch, objective: Objective, 
             eps = gradient.fd_eps * norm(e0) / jnp.maximum(norm(v), 1e-30)
             g2 = grad_theta((eps * v).astype(e0.dtype))
             hvp = jax.tree_util.tree_map(lambda a, b: (b - a) / eps, g_theta, g2)
+    outputs = {**jax.lax.stop_gradient(inputs), PAIR_PENALTY: jax.lax.stop_gradient(pair_pen)}
     inputs["step"] = step
     loss, metrics = objective(inputs)
     grads = jax.tree_util.tree_map(lambda a, h: a / n + h, g_theta, hvp)
     loss, metrics = add_penalty(loss, metrics, penalty, pair_pen)
-    return loss, metrics, grads
+    return (loss, metrics, grads, outputs) if with_outputs else (loss, metrics, grads)
 
 
 def add_penalty(loss, metrics: dict, penalty, pair_pen):
