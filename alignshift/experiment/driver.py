@@ -102,10 +102,13 @@ class MethodRun:
 
 def batch_size_for(cfg: ExperimentConfig, n: int) -> ExperimentConfig:
     """``cfg`` with ``train.batch_size`` cut to ``n`` examples when it is larger (e.g. DPO on the
-    small D_v alone, or few mined pairs)."""
+    small D_v alone, or few mined pairs), rounded down to a multiple of ``train.grad_accum_steps``
+    (the micro-batches are equal; at least one example per micro-batch: fewer examples than
+    micro-batches accumulate over as many micro-batches as there are examples)."""
     if cfg.train.batch_size <= n:
         return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n))
+    k = min(cfg.train.grad_accum_steps, n)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n - n % k, grad_accum_steps=k))
 
 
 def sft_reference(ctx: SeedContext, model: nnx.Module, cfg: ExperimentConfig | None = None, *,

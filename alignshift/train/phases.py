@@ -194,7 +194,8 @@ def run_preference(
     # it holds the frozen base weights (shardable, and never copied into the executable).
     step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=cfg.train.logits_chunk,
                                 response_window=response_window(cfg),
-                                penalty_gradient=PenaltyGradient.from_dict(method.penalty_gradient))
+                                penalty_gradient=PenaltyGradient.from_dict(method.penalty_gradient),
+                                grad_accum_steps=cfg.train.grad_accum_steps, weighting_scope=cfg.train.weighting_scope)
     step_fn = functools.partial(step, frozen=rest)
     keep = [k for k in train_arrays if not k.startswith("prompt_")]
     if "kl_completions" not in objective.requires:
