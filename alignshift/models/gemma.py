@@ -32,10 +32,11 @@ Details matched to transformers (which in places differ from the papers):
 * Sliding-window layers: key index ``k`` is visible from query index ``q`` iff
   ``q - window < k <= q`` (HF ``sliding_window_overlay``: ``kv_idx > q_idx - window``),
   i.e. a query sees itself plus ``window - 1`` previous tokens. Like HF, the
-  window is measured in sequence indices (equal to position differences for
-  left- or right-padded batches). ``layer_types`` (transformers 5) or the
-  default alternating rule (layer 0 sliding, layer 1 full, ...) decide which
-  layers are sliding.
+  window is measured in sequence indices in padded batches (equal to position
+  differences for left- or right-padded batches); in packed rows
+  (:class:`~alignshift.models.layers.TokenLayout`) in positions. ``layer_types``
+  (transformers 5) or the default alternating rule (layer 0 sliding, layer 1
+  full, ...) decide which layers are sliding.
 """
 
 from __future__ import annotations
@@ -61,11 +62,10 @@ from alignshift.models.hf_params import (
 from alignshift.models.layers import (
     apply_layer,
     apply_rotary,
-    causal_padding_mask,
+    attention,
     CausalLM,
     embed_lookup,
     embedding,
-    grouped_query_attention,
     linear,
     lm_logits,
     RMSNorm,
@@ -73,6 +73,7 @@ from alignshift.models.layers import (
     rope_inv_freq,
     sliding_window_mask,
     softcap,
+    TokenLayout,
 )
 
 __all__ = [
@@ -242,9 +243,13 @@ class GemmaRMSNorm(RMSNorm):
 
 
 class GemmaAttention(nnx.Module):
+    """Self-attention; ``window`` (a sliding layer's ``sliding_window``, else None) bounds how far
+    back a query sees when no mask is given (a mask already holds the window)."""
+
     def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, window: int | None = None):
         c = config
+        self.window = window
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
@@ -257,14 +262,16 @@ class GemmaAttention(nnx.Module):
         self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
         self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T] (None: causal, no padding, within the layer's ``window``
+        if it is a sliding layer); cos/sin float32 [B,T,head_dim]."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rotary(self.q_proj(x).reshape(B, T, H, D), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(B, T, KV, D), cos, sin)
         v = self.v_proj(x).reshape(B, T, KV, D)
-        out = grouped_query_attention(q, k, v, mask, self.scaling, self.dtype, logit_cap=self.softcap)
+        out = attention(q, k, v, mask, causal=True, window=self.window, scale=self.scaling, dtype=self.dtype,
+                        logit_cap=self.softcap)
         return self.o_proj(out)
 
 
@@ -289,10 +296,10 @@ class GemmaDecoderLayer(nnx.Module):
     """Gemma 1 (pre-norm) or Gemma 2 (sandwich-norm) decoder block."""
 
     def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, window: int | None = None):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.is_gemma2 = config.is_gemma2
-        self.self_attn = GemmaAttention(config, **kw)
+        self.self_attn = GemmaAttention(config, window=window, **kw)
         self.mlp = GemmaMLP(config, **kw)
         nkw = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
@@ -301,7 +308,7 @@ class GemmaDecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **nkw)
 
-    def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
         if self.is_gemma2:
             h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), mask, cos, sin))
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -321,8 +328,9 @@ class GemmaModel(nnx.Module):
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, config.initializer_range,
                                       rngs, dtype, param_dtype)
         self.layers = nnx.List([
-            GemmaDecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-            for _ in range(config.num_hidden_layers)
+            GemmaDecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                              window=config.sliding_window if kind == SLIDING else None)
+            for kind in config.layer_types
         ])
         self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                                  param_dtype=param_dtype)
@@ -332,13 +340,12 @@ class GemmaModel(nnx.Module):
         x = embed_lookup(self.embed_tokens, input_ids, self.dtype)
         return x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype=self.dtype)
 
-    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                 positions: jax.Array) -> jax.Array:
+    def __call__(self, inputs_embeds: jax.Array, layout: TokenLayout) -> jax.Array:
+        """Decoder stack over ``inputs_embeds`` [B,T,d] laid out as ``layout`` (padded or packed rows)."""
         c = self.config
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta))
-        masks = {FULL: causal_padding_mask(attention_mask)}
-        if SLIDING in c.layer_types:
-            masks[SLIDING] = sliding_window_mask(attention_mask, c.sliding_window)
+        cos, sin = rope_cos_sin(layout.positions, rope_inv_freq(c.head_dim, c.rope_theta))
+        windows = {FULL: None, SLIDING: c.sliding_window}
+        masks = {kind: layout.mask(windows[kind]) for kind in set(c.layer_types)}
         h = inputs_embeds.astype(self.dtype)
         for layer, kind in zip(self.layers, c.layer_types):
             h = apply_layer(layer, h, masks[kind], cos, sin, remat=c.remat)

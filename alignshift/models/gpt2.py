@@ -42,14 +42,14 @@ from alignshift.models.hf_params import HFConfig, config_dict, export_state_dict
 from alignshift.models.layers import (
     activation,
     apply_layer,
-    causal_padding_mask,
+    attention,
     CausalLM,
-    dot_product_attention,
     embed_lookup,
     embedding,
     LayerNorm,
     linear,
     lm_logits,
+    TokenLayout,
 )
 
 __all__ = [
@@ -187,14 +187,14 @@ class GPT2Attention(nnx.Module):
         self.c_attn = linear(c.n_embd, 3 * c.n_embd, True, c.initializer_range, rngs, dtype, param_dtype)
         self.c_proj = linear(c.n_embd, c.n_embd, True, proj_std, rngs, dtype, param_dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B,T,d]; mask bool [B,1,T,T]."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T] (None: causal, no padding)."""
         B, T, d = x.shape
         H, D = self.num_heads, self.head_dim
         # HF: c_attn(x).split(n_embd, dim=2) -> contiguous q | k | v blocks
         qkv = self.c_attn(x).reshape(B, T, 3, H, D)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v, mask, self.scale, self.dtype)
+        out = attention(q, k, v, mask, causal=True, scale=self.scale, dtype=self.dtype)
         return self.c_proj(out)
 
 
@@ -248,12 +248,12 @@ class GPT2Model(nnx.Module):
         """Token embeddings only (no positions); out-of-range ids are clipped, never NaN."""
         return embed_lookup(self.wte, input_ids, self.dtype)
 
-    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                 positions: jax.Array) -> jax.Array:
+    def __call__(self, inputs_embeds: jax.Array, layout: TokenLayout) -> jax.Array:
+        """Blocks over ``inputs_embeds`` [B,T,d] (token embeddings only) laid out as ``layout``."""
         c = self.config
         # positions beyond n_positions are clipped to the last learned one (HF would index-error)
-        h = inputs_embeds.astype(self.dtype) + embed_lookup(self.wpe, positions, self.dtype)
-        mask = causal_padding_mask(attention_mask)
+        h = inputs_embeds.astype(self.dtype) + embed_lookup(self.wpe, layout.positions, self.dtype)
+        mask = layout.mask()
         for block in self.h:
             h = apply_layer(block, h, mask, remat=c.remat)
         return self.ln_f(h)

@@ -52,9 +52,8 @@ from alignshift.models.layers import (
     activation,
     apply_layer,
     apply_rotary,
-    causal_padding_mask,
+    attention,
     CausalLM,
-    dot_product_attention,
     embed_lookup,
     embedding,
     LayerNorm,
@@ -62,6 +61,7 @@ from alignshift.models.layers import (
     lm_logits,
     rope_cos_sin,
     rope_inv_freq,
+    TokenLayout,
 )
 
 __all__ = [
@@ -186,8 +186,8 @@ class GPTNeoXAttention(nnx.Module):
         self.query_key_value = linear(c.hidden_size, 3 * c.hidden_size, c.attention_bias, *args)
         self.dense = linear(c.hidden_size, c.hidden_size, c.attention_bias, *args)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,rotary_ndims]."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T] (None: causal, no padding); cos/sin float32 [B,T,rotary_ndims]."""
         B, T, _ = x.shape
         H, D, R = self.num_heads, self.head_dim, self.rotary_ndims
         # HF: view(B, T, H, 3*D) then chunk the last axis -> q, k, v interleaved per head
@@ -199,7 +199,7 @@ class GPTNeoXAttention(nnx.Module):
         elif R > 0:
             q = jnp.concatenate([apply_rotary(q[..., :R], cos, sin), q[..., R:]], axis=-1)
             k = jnp.concatenate([apply_rotary(k[..., :R], cos, sin), k[..., R:]], axis=-1)
-        out = dot_product_attention(q, k, v, mask, D ** -0.5, self.dtype)
+        out = attention(q, k, v, mask, causal=True, scale=D ** -0.5, dtype=self.dtype)
         return self.dense(out)
 
 
@@ -256,15 +256,16 @@ class GPTNeoXModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return embed_lookup(self.embed_in, input_ids, self.dtype)
 
-    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                 positions: jax.Array) -> jax.Array:
+    def __call__(self, inputs_embeds: jax.Array, layout: TokenLayout) -> jax.Array:
+        """Decoder stack over ``inputs_embeds`` [B,T,d] laid out as ``layout`` (padded or packed rows)."""
         c = self.config
+        positions = layout.positions
         R = c.rotary_ndims
         if R:
             cos, sin = rope_cos_sin(positions, rope_inv_freq(R, c.rope_theta, c.rope_scaling))
         else:
             cos = sin = jnp.zeros(positions.shape + (0,), jnp.float32)
-        mask = causal_padding_mask(attention_mask)
+        mask = layout.mask()
         h = inputs_embeds.astype(self.dtype)
         for layer in self.layers:
             h = apply_layer(layer, h, mask, cos, sin, remat=c.remat)

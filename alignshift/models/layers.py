@@ -1,5 +1,7 @@
-"""Generic layers shared by the models: norms, activations, linear/attention helpers, rotary
-position embeddings, attention masks, and the :class:`CausalLM` entry points.
+"""Generic layers shared by the models: norms, activations, linear helpers, rotary position
+embeddings, attention masks and token layouts (padded or packed rows), the one attention
+function of every model (:func:`attention`; docs/attention.md), and the :class:`CausalLM`
+entry points.
 
 Conventions follow Hugging Face transformers:
   * norm parameters are called ``weight`` / ``bias`` (HF names), statistics computed in float32;
@@ -11,6 +13,7 @@ Conventions follow Hugging Face transformers:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -255,6 +258,16 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position ids of a packed row [B, T]: the index within the token's segment (a segment is a
+    contiguous run of equal ids; positions restart at 0 where the id changes)."""
+    T = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     """Boolean attention mask [B, 1, T, T] (query, key): key is real and key <= query."""
     T = attention_mask.shape[-1]
@@ -273,6 +286,26 @@ def sliding_window_mask(attention_mask: jax.Array, window: int) -> jax.Array:
     return causal_padding_mask(attention_mask) & (k > q - window)[None, None]
 
 
+def segment_mask(segment_ids: jax.Array, positions: jax.Array, branch_ids: jax.Array | None = None,
+                 window: int | None = None) -> jax.Array:
+    """Boolean [B, 1, T, T] mask of a packed (and optionally shared-prompt) row: query ``i`` sees
+    key ``j`` iff both are in the same segment (``segment_ids``, 0 = padding, which sees and is
+    seen by nothing), ``j <= i`` by index, and, with ``branch_ids``, ``branch[j] == 0`` (the
+    shared prompt) or ``branch[j] == branch[i]`` (the same response). With a ``window`` also
+    ``positions[i] - positions[j] < window``: sliding windows are measured in positions, not
+    indices (in a shared-prompt row a rejected token's position continues from the prompt's
+    end, while its index comes after the chosen response)."""
+    T = segment_ids.shape[-1]
+    seg_q, seg_k = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
+    allowed = (seg_q == seg_k) & (seg_k != 0) & jnp.tril(jnp.ones((T, T), jnp.bool_))[None, None]
+    if branch_ids is not None:
+        br_q, br_k = branch_ids[:, None, :, None], branch_ids[:, None, None, :]
+        allowed = allowed & ((br_k == 0) | (br_k == br_q))
+    if window is not None:
+        allowed = allowed & (positions[:, None, :, None] - positions[:, None, None, :] < window)
+    return allowed
+
+
 def cached_attention_mask(key_mask: jax.Array, index, n_new: int, window: int | None = None) -> jax.Array:
     """Boolean mask [B, 1, n_new, S] for ``n_new`` queries written at cache slots
     ``index .. index + n_new - 1``: key slot ``s`` is visible iff ``key_mask[b, s]`` and
@@ -287,24 +320,46 @@ def cached_attention_mask(key_mask: jax.Array, index, n_new: int, window: int | 
     return visible[None, None] & key_mask.astype(jnp.bool_)[:, None, None, :]
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """What the tokens of a ``[B, T]`` batch are: their ``positions`` (rotary / learned position
+    ids) and who attends to whom, in one of two layouts:
+
+    * padded (``attention_mask`` [B, T] 0/1, or None = no padding): one sequence per row,
+      causal by index, padding keys invisible; sliding windows by index (HF's convention);
+    * packed (``segment_ids`` [B, T], 0 = padding): several sequences per row, attention
+      confined to a segment (:func:`segment_mask`), optionally with ``branch_ids`` (shared-prompt
+      groups: 0 = the shared prompt, 1.. = the responses); sliding windows by position.
+
+    Built by :meth:`CausalLM.hidden_states`; the backbones read :meth:`mask` once per kind of layer."""
+
+    positions: jax.Array
+    attention_mask: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    branch_ids: jax.Array | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
+
+    def mask(self, window: int | None = None) -> jax.Array | None:
+        """The boolean [B, 1, T, T] attention mask (``window``: a sliding-window layer's), or None
+        when there is no padding and no packing: the layer then calls :func:`attention` with
+        ``mask=None, causal=True, window=window`` (on a GPU, cuDNN's causal mask type, no mask
+        tensor)."""
+        if self.segment_ids is not None:
+            return segment_mask(self.segment_ids, self.positions, self.branch_ids, window)
+        if self.attention_mask is None:
+            return None
+        if window is None:
+            return causal_padding_mask(self.attention_mask)
+        return sliding_window_mask(self.attention_mask, window)
+
+
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """float32 softmax over the last axis with boolean ``mask``; fully masked rows stay finite."""
     scores = jnp.where(mask, scores.astype(jnp.float32), MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1)
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                          dtype: Any) -> jax.Array:
-    """Multi-head attention. q/k/v [B,T,H,D], boolean mask [B,1,T,S] -> [B,T,H*D] in ``dtype``.
-
-    Scores and softmax in float32; fully masked rows give a uniform (finite) softmax.
-    """
-    B, T, H, D = q.shape
-    scores = jnp.einsum("bthd,bshd->bhts", q.astype(dtype), k.astype(dtype),
-                        preferred_element_type=jnp.float32) * scale
-    probs = masked_softmax(scores, mask)
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(dtype), v.astype(dtype))
-    return out.reshape(B, T, H * D)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -314,21 +369,100 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return jnp.tanh(x / cap) * cap
 
 
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                            dtype: Any, logit_cap: float | None = None) -> jax.Array:
-    """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D] (H a multiple of KV; query head
-    ``h`` uses kv head ``h // (H // KV)``, HF ``repeat_kv``), boolean mask [B,1,T,S]
+# --------------------------------------------------------------------------- attention
+
+#: ``implementation=`` values of :func:`attention`.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "jax")
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *, scale: float,
+              dtype: Any, causal: bool = False, window: int | None = None, logit_cap: float | None = None,
+              implementation: str = "auto") -> jax.Array:
+    """Scaled dot-product attention, the one entry point of every model (self-attention, grouped
+    queries, the KV cache). ``q`` [B,T,H,D], ``k``/``v`` [B,S,KV,D] with H a multiple of KV (query
+    head ``h`` uses kv head ``h // (H // KV)``, HF ``repeat_kv``; KV == H is multi-head attention)
     -> [B,T,H*D] in ``dtype``.
 
-    Scores and softmax in float32; ``logit_cap`` soft-caps the scaled scores before masking
-    (:func:`softcap`); fully masked rows give a uniform (finite) softmax.
+    Which keys a query sees: ``mask`` (boolean, broadcastable to [B,1,T,S]), which is complete
+    (causality and any sliding window already in it); or, with ``mask=None``, ``causal`` (key
+    index <= query index, T == S) and ``window`` (query index - key index < window). ``causal``
+    with a ``mask`` promises the mask is causal (a subset of key <= query), so a fused kernel may
+    skip the upper triangle; it changes no value. ``logit_cap`` soft-caps the scaled scores
+    before masking (Gemma 2, :func:`softcap`). Fully masked rows give a finite output.
+
+    ``implementation``:
+
+    * ``"xla"``: scores and softmax in float32 (``einsum`` with float32 accumulation, the
+      masked float32 softmax, probabilities cast to ``dtype`` for the value product). Any mask,
+      soft-capping, any dtype; the fastest lowering on a CPU (``benchmarks/attention_cpu.py``).
+    * ``"cudnn"``: :func:`jax.nn.dot_product_attention` with cuDNN's fused (flash) kernel: GPU,
+      bf16/fp16, no soft-cap; a plain causal (or causal sliding-window) attention runs with
+      cuDNN's own mask type, any other mask as an additive bias (docs/attention.md).
+    * ``"jax"``: :func:`jax.nn.dot_product_attention`'s XLA implementation with the same
+      arguments as ``"cudnn"`` (checks the argument mapping on any backend).
+    * ``"auto"`` (default): ``"cudnn"`` on a GPU when the inputs qualify (16-bit ``dtype``, no
+      soft-cap, head dim a multiple of 8 and <= 128, even T and S when a mask is given), falling
+      back to ``"xla"`` if cuDNN refuses them; ``"xla"`` everywhere else.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}; got {implementation!r}")
+    if mask is None and window is not None and not causal:
+        raise ValueError("attention: a sliding window without a mask needs causal=True")
+    if implementation == "auto":
+        if _cudnn_candidate(q, k, mask, dtype, logit_cap):
+            try:
+                return _attention_fused(q, k, v, mask, scale, dtype, causal, window, "cudnn")
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # cuDNN missing or refusing this shape: the float32 path below
+        implementation = "xla"
+    if implementation == "xla":
+        return _attention_xla(q, k, v, mask, scale, dtype, causal, window, logit_cap)
+    if logit_cap is not None:
+        raise ValueError(f"attention implementation {implementation!r} has no logit soft-capping; use 'xla'")
+    return _attention_fused(q, k, v, mask, scale, dtype, causal, window,
+                            "cudnn" if implementation == "cudnn" else None)
+
+
+def _cudnn_candidate(q, k, mask, dtype, logit_cap) -> bool:
+    if logit_cap is not None or jax.default_backend() != "gpu":
+        return False
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _FUSED_DTYPES]:
+        return False
+    D = q.shape[-1]
+    if D % 8 or D > 128:
+        return False
+    return mask is None or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+
+
+def _attention_fused(q, k, v, mask, scale, dtype, causal, window, implementation):
+    """:func:`jax.nn.dot_product_attention` (``implementation`` ``"cudnn"`` or None = XLA)."""
     B, T, H, D = q.shape
-    KV = k.shape[2]
+    kw: dict[str, Any] = {}
+    if mask is not None:
+        kw["mask"] = jnp.broadcast_to(mask, (B, 1, T, k.shape[1]))
+    elif window is not None:
+        kw["local_window_size"] = (int(window) - 1, 0)
+    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=scale,
+                                       is_causal=bool(causal), implementation=implementation, **kw)
+    return out.reshape(B, T, H * D)
+
+
+def _attention_xla(q, k, v, mask, scale, dtype, causal, window, logit_cap):
+    """The float32-softmax einsum path (see :func:`attention`)."""
+    B, T, H, D = q.shape
+    S, KV = k.shape[1], k.shape[2]
+    if mask is None:
+        if causal:
+            qi, ki = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+            allowed = ki <= qi
+            if window is not None:
+                allowed = allowed & (ki > qi - window)
+            mask = allowed[None, None]
     q = q.astype(dtype).reshape(B, T, KV, H // KV, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
     scores = softcap(scores * scale, logit_cap)
-    probs = masked_softmax(scores, mask[:, :, None])  # mask -> [B,1,1,T,S]
+    probs = jax.nn.softmax(scores, axis=-1) if mask is None else masked_softmax(scores, mask[:, :, None])
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype))
     return out.reshape(B, T, H * D)
 
@@ -352,12 +486,53 @@ def apply_layer(layer, h: jax.Array, *args, remat: bool = False) -> jax.Array:
     return _remat_call_layer(layer, h, *args) if remat else layer(h, *args)
 
 
+def token_layout(shape: tuple[int, int], *, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 branch_ids: jax.Array | None = None) -> TokenLayout:
+    """The :class:`TokenLayout` of a ``shape = (B, T)`` batch from :meth:`CausalLM.hidden_states`'s
+    keywords (one clear error for an impossible combination)."""
+    B, T = shape
+    for name, x in (("attention_mask", attention_mask), ("positions", positions),
+                    ("segment_ids", segment_ids), ("branch_ids", branch_ids)):
+        if x is not None and tuple(x.shape) != (B, T):
+            raise ValueError(f"{name} must have shape [B, T] = {(B, T)}; got {tuple(x.shape)}")
+    if segment_ids is None:
+        if branch_ids is not None:
+            raise ValueError("branch_ids (shared-prompt rows) need segment_ids (the packed layout)")
+        if positions is None:
+            positions = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if attention_mask is None
+                         else positions_from_mask(attention_mask))
+        return TokenLayout(positions=positions, attention_mask=attention_mask)
+    if attention_mask is not None:
+        raise ValueError("pass attention_mask (padded rows) or segment_ids (packed rows), not both")
+    if positions is None:
+        if branch_ids is not None:
+            raise ValueError("shared-prompt rows (branch_ids) need explicit positions: a response's positions "
+                             "continue from the prompt's end, not from the previous response")
+        positions = positions_from_segments(segment_ids)
+    return TokenLayout(positions=positions, segment_ids=segment_ids, branch_ids=branch_ids)
+
+
 class CausalLM:
     """Entry points shared by our causal LMs (mixed into each ``nnx.Module`` LM class).
 
     A subclass provides ``_backbone`` (its HF-named decoder stack, e.g. ``self.model``, with
-    ``embed(ids)`` and ``__call__(inputs_embeds, attention_mask, positions)``) and
+    ``embed(ids)`` and ``__call__(inputs_embeds, layout)``, ``layout`` a :class:`TokenLayout`) and
     ``logits_from_hidden(h)``. ``model(input_ids, attention_mask=...)`` -> float32 logits.
+
+    Two batch layouts (keywords of ``__call__`` and :meth:`hidden_states`):
+
+    * **padded** (as in HF): ``attention_mask`` [B, T] 0/1 (None = no padding), one sequence
+      per row; ``positions`` default to :func:`positions_from_mask`;
+    * **packed**: ``segment_ids`` [B, T] int (0 = padding, 1, 2, … = the sequences of a row,
+      each a contiguous run of tokens): attention is confined to a segment and ``positions``
+      (default: restarting at 0 in every segment, :func:`positions_from_segments`) are the
+      tokens' positions within their sequence. With ``branch_ids`` [B, T] (shared-prompt
+      groups ``[prompt | response 1 | response 2 | …]`` in one segment; 0 = the shared
+      prompt, 1, 2, … = the responses) a response token sees the prompt and its own response
+      only, and ``positions`` must be given (a response's positions continue from the
+      prompt's end, as if the other responses were absent). Sliding windows are measured in
+      positions. See :func:`segment_mask` and :mod:`alignshift.data.packing`.
     """
 
     @property
@@ -371,18 +546,18 @@ class CausalLM:
     def hidden_states(self, input_ids: jax.Array | None = None, *,
                       attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None,
-                      inputs_embeds: jax.Array | None = None) -> jax.Array:
-        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input."""
+                      inputs_embeds: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None,
+                      branch_ids: jax.Array | None = None) -> jax.Array:
+        """Final (normed) hidden states [B,T,d] in ``dtype``, i.e. the LM-head input (padded or
+        packed layout: see the class docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids / inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        B, T = inputs_embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.int32)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
-        return self._backbone(inputs_embeds, attention_mask, positions)
+        return self._backbone(inputs_embeds, token_layout(inputs_embeds.shape[:2], attention_mask=attention_mask,
+                                                          positions=positions, segment_ids=segment_ids,
+                                                          branch_ids=branch_ids))
 
     # ------------------------------------------------------------------ KV cache (optional)
     @property
@@ -413,7 +588,10 @@ class CausalLM:
     def __call__(self, input_ids: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+                 inputs_embeds: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
+                 branch_ids: jax.Array | None = None) -> jax.Array:
+        """float32 logits [B, T, V] (keywords as :meth:`hidden_states`)."""
         h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
-                               inputs_embeds=inputs_embeds)
+                               inputs_embeds=inputs_embeds, segment_ids=segment_ids, branch_ids=branch_ids)
         return self.logits_from_hidden(h)

@@ -36,18 +36,17 @@ from alignshift.models.hf_params import (
 from alignshift.models.layers import (
     apply_layer,
     apply_rotary,
+    attention,
     cached_attention_mask,
-    causal_padding_mask,
     CausalLM,
     embed_lookup,
     embedding,
-    grouped_query_attention,
     linear,
     lm_logits,
     RMSNorm,
     rope_cos_sin,
     rope_inv_freq,
-    sliding_window_mask,
+    TokenLayout,
 )
 
 __all__ = [
@@ -182,6 +181,7 @@ class LlamaAttention(nnx.Module):
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
+        self.window = c.sliding_window
         self.dtype = dtype
         args = (c.initializer_range, rngs, dtype, param_dtype)
         self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.head_dim, c.attention_bias, *args)
@@ -189,10 +189,11 @@ class LlamaAttention(nnx.Module):
         self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, c.attention_bias, *args)
         self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias, *args)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B,T,d]; mask bool [B,1,T,T]; cos/sin float32 [B,T,head_dim]."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,d]; mask bool [B,1,T,T] (None: causal, no padding); cos/sin float32 [B,T,head_dim]."""
         q, k, v = self._qkv(x, cos, sin)
-        return self.o_proj(grouped_query_attention(q, k, v, mask, self.head_dim ** -0.5, self.dtype))
+        return self.o_proj(attention(q, k, v, mask, causal=True, window=self.window,
+                                     scale=self.head_dim ** -0.5, dtype=self.dtype))
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """Projected heads: rotated q [B,T,H,D] and k [B,T,KV,D], and v [B,T,KV,D]."""
@@ -211,7 +212,7 @@ class LlamaAttention(nnx.Module):
         start = (0, index, 0, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-        out = grouped_query_attention(q, k_cache, v_cache, mask, self.head_dim ** -0.5, self.dtype)
+        out = attention(q, k_cache, v_cache, mask, scale=self.head_dim ** -0.5, dtype=self.dtype)
         return self.o_proj(out), k_cache, v_cache
 
 
@@ -269,14 +270,11 @@ class LlamaModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return embed_lookup(self.embed_tokens, input_ids, self.dtype)
 
-    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                 positions: jax.Array) -> jax.Array:
+    def __call__(self, inputs_embeds: jax.Array, layout: TokenLayout) -> jax.Array:
+        """Decoder stack over ``inputs_embeds`` [B,T,d] laid out as ``layout`` (padded or packed rows)."""
         c = self.config
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
-        if c.sliding_window is None:
-            mask = causal_padding_mask(attention_mask)
-        else:
-            mask = sliding_window_mask(attention_mask, c.sliding_window)
+        cos, sin = rope_cos_sin(layout.positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+        mask = layout.mask(c.sliding_window)
         h = inputs_embeds.astype(self.dtype)
         for layer in self.layers:
             h = apply_layer(layer, h, mask, cos, sin, remat=c.remat)
