@@ -37,6 +37,7 @@ from alignshift.data import BatchIterator
 from alignshift.train.checkpoint import Checkpointer
 from alignshift.train.faults import FaultCounter, NonFiniteError, PreemptionHandler, Preempted, dump_batch
 from alignshift.train.metrics import JsonlWriter
+from alignshift.train import tracking
 
 __all__ = ["train_loop", "DEFAULT_MAX_CONSECUTIVE_NONFINITE"]
 
@@ -180,6 +181,8 @@ def train_loop(
         history.append(record)
         if writer is not None:
             writer.write(record)
+        # train.report_to: the same record (with the writer's seed/phase/method) to TensorBoard / W&B
+        tracking.log({**getattr(writer, "static", {}), **record})
 
     def fetch():
         """Bring the window's metrics to the host (one sync) and account for faults."""
