@@ -269,6 +269,28 @@ def _worker(out_path: str) -> None:
         base_q = srest["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
         assert base_q.sharding.spec == P("fsdp", "tensor"), base_q.sharding
 
+    @check("accumulated_sharded")
+    def _():
+        # gradient accumulation on the mesh: 2 micro-batches of 4 (each spread over the 4 data
+        # shards by the interleaved split) give the single-device whole-batch step, for a
+        # sum-decomposable objective with the reference in the step, and for a batch-coupled rule
+        for method in (MethodConfig(), MethodConfig(name="kldpo", weighting="kl_dro", weighting_kwargs={"tau": 0.5})):
+            obj = objective_for(method)
+            whole = make_preference_step(graphdef, rest, tx, obj)
+            accum = make_preference_step(graphdef, rest, tx, obj, grad_accum_steps=2)
+            sa = jax.device_put(init_state(copy(params), tx), dev0)
+            sa, ma = whole(sa, batches[0], ref1)
+            sa = jax.device_get(sa)
+            sb = place_state(init_state(copy(params), tx), mesh)
+            acc_step = make_sharded_step(accum, sb, batches[0], mesh, ref)
+            sb, mb = acc_step(sb, shard_batch(batches[0], mesh), ref)
+            for key in ("loss", "grad_norm", "rewards/accuracies", "weights/max"):
+                np.testing.assert_allclose(float(mb[key]), float(ma[key]), rtol=1e-5, err_msg=f"{method.name} {key}")
+            a, b = leaves(sa), leaves(sb)
+            for key in a:
+                if key.startswith("params/"):
+                    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=f"{method.name} {key}")
+
     @check("mesh_shape_error")
     def _():
         try:
@@ -336,6 +358,10 @@ def test_worker_sees_8_devices(report):
 
 def test_sharded_dpo_steps_equal_single_device(report):
     _ok(report, "sharded_equals_single")
+
+
+def test_gradient_accumulation_on_the_mesh_equals_the_whole_batch(report):
+    _ok(report, "accumulated_sharded")
 
 
 def test_sharded_step_with_precomputed_reference(report):
