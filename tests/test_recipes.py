@@ -191,3 +191,76 @@ def test_per_paper_configs_use_the_papers_effective_batch():
         cfg = load_config(p)
         batch, accum = PAPER_BATCHES[_name(p)]
         assert (cfg.train.batch_size, cfg.train.grad_accum_steps) == (batch, accum), _name(p)
+
+
+# ------------------------------------------------------------------ 3. DoRA's pairwise weight on K = 4 data
+
+def _np_h(p, a, alpha):
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1.0)
+    return p / (alpha * p + np.asarray(a, np.float64) * (1.0 - p))
+
+
+@pytest.mark.parametrize("pair_weight", ["candidates", "pair"])
+def test_dora_pair_weight_definitions_match_numpy(pair_weight):
+    """H of a best-vs-worst pair of K = 4 candidates: the mean of h over all four (the authors'
+    code, default) or over the pair's own two; the same function selects the columns for
+    experiments/dora.py and preference_hf.py (dora_hh_mistral.yaml)."""
+    from alignshift.losses.dora import pair_weight_columns
+
+    rng = np.random.default_rng(3)
+    n, k, alpha = 8, 4, 0.25
+    prob = rng.uniform(0.05, 0.95, size=(n, k)).astype(np.float32)
+    share = np.full((n, k), 0.25, np.float32)
+    cols = np.stack([rng.permutation(k)[:2] for _ in range(n)])
+    p2, a2 = pair_weight_columns(prob, share, cols, pair_weight)
+    inp = {**_dpo_inputs(rng, n), "source_prob": jnp.asarray(p2), "source_share": jnp.asarray(a2)}
+    obj = make_objective("dpo", "dora_reweight", base_kwargs={"beta": 0.5},
+                         weighting_kwargs={"alpha": alpha, "pair_weight": pair_weight})
+    loss, _ = obj(inp)
+    h = _np_h(prob, share, alpha)
+    H = h.mean(1) if pair_weight == "candidates" else np.take_along_axis(h, cols, 1).mean(1)
+    ref = np.mean(H * _np_dpo_losses({k_: v for k_, v in inp.items() if not k_.startswith("source")}, 0.5))
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert p2.shape == ((n, 4) if pair_weight == "candidates" else (n, 2))
+
+
+def test_dora_pair_weight_is_validated():
+    from alignshift.losses.hparams import HParamError
+
+    with pytest.raises(HParamError, match=r"'pair_weight' must be one of \['candidates', 'pair'\]; got 'both'"):
+        make_objective("dpo", "dora", weighting_kwargs={"pair_weight": "both"})
+    from alignshift.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'methods.0.weighting_kwargs.pair_weight' must be one of"):
+        load_config(None, ["methods.0.weighting=dora_reweight", "methods.0.weighting_kwargs.pair_weight=x"])
+    # 'pair' given all K candidates of a pairwise batch: an error, not a silent average over four
+    rng = np.random.default_rng(0)
+    inp = {**_dpo_inputs(rng, 4), "source_prob": jnp.full((4, 4), 0.5), "source_share": jnp.full((4, 4), 0.25)}
+    with pytest.raises(ValueError, match="pair's own two responses"):
+        make_objective("dpo", "dora", weighting_kwargs={"pair_weight": "pair"})(inp)
+
+
+def test_dora_experiment_selects_columns_by_pair_weight():
+    """experiments/dora.py's method_run: all K candidate columns by default, the pair's two with
+    pair_weight: pair; listwise methods keep the list's K."""
+    import types
+
+    from alignshift.config import MethodConfig
+    from alignshift.experiment.dora import DoraExperiment
+
+    n, k = 6, 4
+    prob = np.tile(np.arange(k, dtype=np.float32) / 10 + 0.1, (n, 1))
+    pairs = {"chosen_input_ids": np.zeros((n, 3), np.int32), "source_prob": prob, "source_share": prob * 0 + 0.25}
+    cols = np.tile([[3, 1]], (n, 1))
+    ctx = types.SimpleNamespace(sets={"pairs": pairs, "lists": dict(pairs)}, extra={"pair_cols": cols},
+                                data=types.SimpleNamespace(alpha=0.2), cfg=None)
+    exp = DoraExperiment()
+    default = exp.method_run(ctx, MethodConfig(name="d", base="dpo", weighting="dora"))
+    assert default.arrays["source_prob"].shape == (n, k)
+    pair = exp.method_run(ctx, MethodConfig(name="p", base="dpo", weighting="dora",
+                                            weighting_kwargs={"pair_weight": "pair"}))
+    np.testing.assert_allclose(pair.arrays["source_prob"][0], [0.4, 0.2], rtol=1e-6)
+    assert pair.method.weighting_kwargs["alpha"] == 0.2
+    listwise = exp.method_run(ctx, MethodConfig(name="l", base="pl", weighting="dora",
+                                                weighting_kwargs={"pair_weight": "pair"}))
+    assert listwise.arrays["source_prob"].shape == (n, k)

@@ -25,7 +25,7 @@ from alignshift.data import encode_pairs, make_scenario
 from alignshift.data.encode import encode_lists
 from alignshift.experiment.driver import Experiment, MethodRun, SeedContext
 from alignshift.experiment.evaluators import TargetEvaluator
-from alignshift.losses.dora import dora_calibration
+from alignshift.losses.dora import dora_calibration, pair_weight_columns
 from alignshift.rewards.source_classifier import (
     ClassifierConfig,
     SourceClassifier,
@@ -159,10 +159,12 @@ class DoraExperiment(Experiment):
         clf, p, a, sources = _fit_classifier(ctx, lists)
         k = lists["cand_input_ids"].shape[1]
         lists.update(attach_source_probs({}, p, a, k))
-        cols = _pair_columns(data)
-        pk, ak = p.reshape(-1, k), a.reshape(-1, k)
-        pairs["source_prob"] = np.take_along_axis(pk, cols, 1).astype(np.float32)
-        pairs["source_share"] = np.take_along_axis(ak, cols, 1).astype(np.float32)
+        # every pair carries its prompt's K columns; a calibrated method's weighting_kwargs.pair_weight
+        # decides which its H averages (alignshift/losses/dora.py: all K, the authors' code, or the
+        # pair's own two, selected in method_run)
+        ctx.extra["pair_cols"] = _pair_columns(data)
+        pairs["source_prob"] = p.reshape(-1, k).astype(np.float32)
+        pairs["source_share"] = a.reshape(-1, k).astype(np.float32)
         h = np.asarray(dora_calibration(p, alpha=data.alpha, source_share=a))
         H = h.reshape(-1, k).mean(1)
         src_list = sources.reshape(-1, k)[:, 0]
@@ -203,9 +205,14 @@ class DoraExperiment(Experiment):
         if m.train_data == "oracle" and "source" in objective.requires:
             raise ValueError(f"method {m.name!r}: the oracle data has no source classifier outputs")
         prefix = "oracle_" if m.train_data == "oracle" else ""
-        arrays = ctx.sets[prefix + ("lists" if "lists" in objective.requires else "pairs")]
+        listwise = "lists" in objective.requires
+        arrays = ctx.sets[prefix + ("lists" if listwise else "pairs")]
         if "source" not in objective.requires:
             arrays = {k: v for k, v in arrays.items() if not k.startswith("source_")}
+        elif not listwise:
+            prob, share = pair_weight_columns(arrays["source_prob"], arrays["source_share"], ctx.extra["pair_cols"],
+                                              m.weighting_kwargs.get("pair_weight", "candidates"))
+            arrays = {**arrays, "source_prob": prob, "source_share": share}
         return MethodRun(m.name, m, arrays, ctx.cfg)
 
     def aggregate(self, cfg, summaries: list[dict]) -> dict:

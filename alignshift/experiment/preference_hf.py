@@ -34,6 +34,7 @@ from alignshift.experiment.driver import (
 )
 from alignshift.experiment.evaluators import HeldOutEvaluator
 from alignshift.forward import split_model
+from alignshift.losses.dora import pair_weight_columns
 from alignshift.models.layers import DTYPES
 from alignshift.train.phases import add_lora, objective_for
 
@@ -198,6 +199,15 @@ def source_columns(examples, spec: dict, *, source: str = "train", k: int | None
     return attach_source_probs({}, np.asarray(probs, np.float32).ravel(), np.asarray(alist, np.float32).ravel(), k)
 
 
+def _pair_candidate_columns(examples) -> np.ndarray | None:
+    """``[N, 2]``: the candidate columns of each pair's chosen and rejected response
+    (``meta["chosen_index"]`` / ``meta["rejected_index"]``, set by
+    :func:`~alignshift.data.datasets.base.best_worst_pairs`), or None when a row lacks them."""
+    if not all("chosen_index" in e.meta and "rejected_index" in e.meta for e in examples):
+        return None
+    return np.asarray([[e.meta["chosen_index"], e.meta["rejected_index"]] for e in examples], np.int64)
+
+
 def _meta_columns(examples, source_spec: dict | None = None, *, source: str = "train",
                   k: int | None = None) -> dict:
     """Per-example columns from ``meta``: ``weight`` (when any row has one) and, with a
@@ -264,14 +274,20 @@ class PreferenceHFExperiment(Experiment):
         splits.info.update({f"n_{s}": len(splits.split(s)) for s in ("train", "val", "test")})
         if not splits.train:
             raise DataError(f"{cfg.data.dataset}/train: no valid pairs ({skipped.summary()})")
-        cols, k = {}, None
+        cols, k, pair_cols = {}, None, {}
         for split in ("train", "val", "test"):
             rows = splits.split(split)
             if rows:
                 spec = source_spec if source_spec and split in source_spec["splits"] else None
                 cols[split] = _meta_columns(rows, spec, source=f"{cfg.data.dataset}/{split}", k=k)
                 k = cols[split]["source_prob"].shape[1] if "source_prob" in cols[split] else k
+                if "source_prob" in cols[split]:
+                    pair_cols[split] = _pair_candidate_columns(rows)
+        if "train" in pair_cols and "val" in pair_cols and pair_cols["train"] is not None \
+                and pair_cols["val"] is not None:
+            pair_cols["train+val"] = np.concatenate([pair_cols["train"], pair_cols["val"]])
         ctx.data, ctx.tokenizer, ctx.extra["columns"] = splits, tok, cols
+        ctx.extra["pair_cols"] = pair_cols
 
     def encode(self, ctx: SeedContext) -> None:
         from alignshift.data.chat import encode_chat_pairs
@@ -319,6 +335,15 @@ class PreferenceHFExperiment(Experiment):
         if ctx.cfg.train.batch_size > n:
             raise ConfigError(f"method {m.name!r}: train.batch_size {ctx.cfg.train.batch_size} > {n} pairs in "
                               f"{m.train_data!r}")
+        if "source_prob" in arrays and "source" in objective_for(m).requires:
+            # DoRA's pair weight H: the prompt's K candidates (the authors' code) or the pair's two
+            try:
+                prob, share = pair_weight_columns(arrays["source_prob"], arrays["source_share"],
+                                                  ctx.extra.get("pair_cols", {}).get(m.train_data),
+                                                  m.weighting_kwargs.get("pair_weight", "candidates"))
+            except ValueError as e:
+                raise ConfigError(f"method {m.name!r} (weighting_kwargs.pair_weight): {e}") from None
+            arrays = {**arrays, "source_prob": prob, "source_share": share}
         return MethodRun(m.name, m, arrays, ctx.cfg)
 
     def seed_summary(self, ctx: SeedContext, methods: dict, seconds: float) -> dict:

@@ -6,7 +6,8 @@ calibration weight ``h̃ = p/(α·p + a·(1 − p))`` from a source classifier's
 (:mod:`alignshift.rewards.source_classifier`). This module holds:
 
 * :func:`dora_calibration` (``h̃`` per response) and :func:`dora_pair_weights` (``H`` per
-  example, from the batch's ``source_prob`` / ``source_share``);
+  example, from the batch's ``source_prob`` / ``source_share``); :func:`pair_weight_columns`
+  (which responses' columns a pair's ``H`` averages: the ``pair_weight`` flag below);
 * :func:`dora_objective` — the calibrated log-mean-exp of given losses and weights;
 * the weighting rules (interface: :mod:`alignshift.losses.reduction`), registered in
   :data:`DORA_RULES` and thus in :data:`alignshift.losses.weighting.WEIGHTING_RULES`:
@@ -20,19 +21,37 @@ calibration weight ``h̃ = p/(α·p + a·(1 − p))`` from a source classifier's
                                                        (no calibration; UP-weights high losses)
   ``dora_reweight``  :func:`dora_reweight_only_rule`   "reweighting only" ablation: ``mean_j H_j·ℓ_j``
   =================  ================================  =========================================
+
+**The pairwise weight on K-candidate data** (flag ``pair_weight`` of ``dora`` and
+``dora_reweight``; both experiments use this one definition). When a pairwise loss trains on the
+best-vs-worst pair of a prompt's K candidates (K = 4 in the released code), ``H_j`` is
+
+* ``"candidates"`` (default; the authors' code, ``train_mistral_prompt.py``, DPO branch [V-code]):
+  the mean of ``h̃`` over ALL K candidates of the prompt — the prompt is the data point;
+* ``"pair"``: the mean over the pair's own two responses — the paper's ``h̃(z)`` of the data
+  point ``z = (x, y_w, y_l)`` that the loss is computed on [INFER: the paper (read second-hand)
+  does not say how a pair's two responses combine; it defines ``h̃`` per sample].
+
+The experiments store the K columns of every pair (``source_prob`` / ``source_share``
+``[N, K]``) and select the pair's two with :func:`pair_weight_columns` for ``"pair"``. With K = 2
+data, or listwise losses (the list is the data point), the two coincide.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alignshift.losses.hparams import POSITIVE, HParam
 from alignshift.losses.reduction import WeightingRule, gather_batch, linear_rule, log_mean_exp, normalize_weights
 
 __all__ = [
     "DORA_FORMS",
+    "DORA_PAIR_WEIGHTS",
+    "pair_weight_columns",
     "DORA_RULES",
+    "DORA_CHOICES",
     "dora_calibration",
     "dora_pair_weights",
     "dora_objective",
@@ -43,6 +62,7 @@ __all__ = [
 ]
 
 DORA_FORMS = ("spec", "lire_code", "rrhf_code")
+DORA_PAIR_WEIGHTS = ("candidates", "pair")
 
 
 def _is_concrete(x) -> bool:
@@ -82,15 +102,46 @@ def dora_calibration(p, *, alpha, source_share, eps: float = 1e-6):
     return p / (alpha * p + a * (1.0 - p))
 
 
-def dora_pair_weights(aux: dict, *, alpha: float) -> jax.Array:
+def pair_weight_columns(prob, share, pair_cols, pair_weight: str = "candidates"):
+    """The ``(source_prob, source_share)`` columns a pairwise example's ``H`` averages over.
+
+    ``prob`` / ``share``: ``[N, K]``, every candidate of each example's prompt; ``pair_cols``:
+    ``[N, 2]`` the columns of the pair's chosen and rejected response (None when the data has
+    no K-candidate lists). ``"candidates"`` (the authors' code) returns all K columns, ``"pair"``
+    the pair's own two (:data:`DORA_PAIR_WEIGHTS`; the module docstring has both)."""
+    if pair_weight not in DORA_PAIR_WEIGHTS:
+        raise ValueError(f"unknown DoRA pair_weight {pair_weight!r}; choose one of {DORA_PAIR_WEIGHTS}")
+    prob, share = np.asarray(prob), np.asarray(share)
+    if pair_weight == "candidates" or prob.shape[-1] == 2:
+        return prob, share
+    if pair_cols is None:
+        raise ValueError(f"pair_weight='pair' needs each pair's chosen and rejected candidate columns, but the "
+                         f"data has {prob.shape[-1]} candidate columns per example and no pair indices")
+    cols = np.asarray(pair_cols, np.int64)
+    if cols.shape != (prob.shape[0], 2):
+        raise ValueError(f"pair columns must be [N, 2] = [{prob.shape[0]}, 2]; got {list(cols.shape)}")
+    return np.take_along_axis(prob, cols, 1), np.take_along_axis(share, cols, 1)
+
+
+def dora_pair_weights(aux: dict, *, alpha: float, pair_weight: str = "candidates") -> jax.Array:
     """Per-example (per pair / per prompt) weight ``H_j = mean_k h̃_{j,k}`` over the example's
-    responses (the authors' code for DPO, BT and PL), from ``aux["source_prob"]`` and
-    ``aux["source_share"]`` (``[B, K]``; K = 2 for pairs: chosen, rejected; or ``[B]``)."""
+    response columns (the authors' code for DPO, BT and PL), from ``aux["source_prob"]`` and
+    ``aux["source_share"]`` (``[B, K]``; K = 2 for pairs: chosen, rejected; or ``[B]``).
+    ``pair_weight="pair"`` on a pairwise batch insists on the pair's own two columns (K = 2;
+    :func:`pair_weight_columns` selects them): given all K candidates it raises instead of
+    silently averaging over them."""
     if aux is None or "source_prob" not in aux or "source_share" not in aux:
         have = sorted(aux) if aux is not None else []
         raise ValueError("DoRA needs the per-response classifier outputs 'source_prob' and 'source_share' "
                          f"in the batch (see alignshift.rewards.source_classifier); the inputs hold {have}")
-    h = dora_calibration(aux["source_prob"], alpha=alpha, source_share=aux["source_share"])
+    if pair_weight not in DORA_PAIR_WEIGHTS:
+        raise ValueError(f"unknown DoRA pair_weight {pair_weight!r}; choose one of {DORA_PAIR_WEIGHTS}")
+    prob = aux["source_prob"]
+    if pair_weight == "pair" and "policy_chosen_logps" in aux and jnp.ndim(prob) == 2 and jnp.shape(prob)[-1] != 2:
+        raise ValueError(f"DoRA pair_weight='pair' averages h over the pair's own two responses, but the batch "
+                         f"has {jnp.shape(prob)[-1]} source columns per pair (select them with "
+                         "alignshift.losses.dora.pair_weight_columns)")
+    h = dora_calibration(prob, alpha=alpha, source_share=aux["source_share"])
     return h.mean(-1) if h.ndim == 2 else h
 
 
@@ -113,19 +164,22 @@ def dora_objective(losses, h, *, lam: float = 1.0, axis_name: str | None = None)
 
 
 def dora_rule(losses, features=None, *, val_features=None, aux=None, data_weight=None, lam: float = 1.0,
-              alpha: float = 0.25, form: str = "spec", axis_name: str | None = None):
+              alpha: float = 0.25, form: str = "spec", pair_weight: str = "candidates",
+              axis_name: str | None = None):
     """The ``dora`` rule, on ``L = d·ℓ`` (data-weighted losses). ``form="spec"`` (default):
     ``λ·log mean_j exp(H_j·L_j/λ)`` with ``H_j = mean_k h̃_{j,k}`` (the model of §4.1; the
     authors' DPO/PL code; effective weights ``n·softmax(H·L/λ)·H``). The authors' other
     reductions, for parity: ``"lire_code"`` = ``λ·mean(h̃)·log mean_j exp(L_j/λ)`` (calibration
     outside the log-mean-exp), ``"rrhf_code"`` = ``λ·log mean_{j,k} exp(h̃_{j,k}·mean_j L_j/λ)``
-    (the weights multiply the batch-mean loss) (§4.2)."""
+    (the weights multiply the batch-mean loss) (§4.2). ``pair_weight``: which responses a
+    pair's ``H`` averages (module docstring)."""
     del features, val_features
     if form not in DORA_FORMS:
         raise ValueError(f"unknown DoRA form {form!r}; choose one of {DORA_FORMS}")
     losses = losses if data_weight is None else data_weight * losses
     if form == "spec":
-        return dora_objective(losses, dora_pair_weights(aux, alpha=alpha), lam=lam, axis_name=axis_name)
+        return dora_objective(losses, dora_pair_weights(aux, alpha=alpha, pair_weight=pair_weight), lam=lam,
+                              axis_name=axis_name)
     h = dora_calibration(aux["source_prob"], alpha=alpha, source_share=aux["source_share"])
     L = gather_batch(losses, axis_name)
     h = gather_batch(h, axis_name)
@@ -145,12 +199,12 @@ def dora_dro_only_rule(losses, features=None, *, val_features=None, aux=None, da
 
 
 def dora_reweight_only_weights(train_features, *, val_features=None, aux=None, alpha: float = 0.25,
-                               normalize: bool = False):
+                               normalize: bool = False, pair_weight: str = "candidates"):
     """DoRA's "reweighting only" ablation's weights: the calibration weights ``H_j`` (raw, with
     ``normalize=False`` as the ablation writes it; ``normalize=True`` rescales them to mean 1
-    per batch). The rule is ``mean_j H_j·ℓ_j``."""
+    per batch). The rule is ``mean_j H_j·ℓ_j``. ``pair_weight`` as for ``dora``."""
     del train_features, val_features
-    w = jax.lax.stop_gradient(dora_pair_weights(aux, alpha=alpha))
+    w = jax.lax.stop_gradient(dora_pair_weights(aux, alpha=alpha, pair_weight=pair_weight))
     return normalize_weights(w) if normalize else w
 
 
@@ -158,11 +212,15 @@ dora_reweight_only_rule = linear_rule(dora_reweight_only_weights, normalize=Fals
 
 _LAM = HParam("lam", 1.0, ("float",), POSITIVE)
 _ALPHA = HParam("alpha", 0.25, ("float",))  # in (0, 1]: checked by dora_calibration
+_PAIR_WEIGHT = HParam("pair_weight", "candidates", ("str",))  # one of DORA_PAIR_WEIGHTS
 
 DORA_RULES: dict[str, WeightingRule] = {
     "dora": WeightingRule(dora_rule, features="loss", requires=frozenset({"source"}), collectives=True,
-                          hparams=(_LAM, _ALPHA, HParam("form", "spec", ("str",)))),
+                          hparams=(_LAM, _ALPHA, HParam("form", "spec", ("str",)), _PAIR_WEIGHT)),
     "dro": WeightingRule(dora_dro_only_rule, features="loss", collectives=True, hparams=(_LAM,)),
     "dora_reweight": WeightingRule(dora_reweight_only_rule, requires=frozenset({"source"}),
-                                   hparams=(_ALPHA, HParam("normalize", False, ("bool",)))),
+                                   hparams=(_ALPHA, HParam("normalize", False, ("bool",)), _PAIR_WEIGHT)),
 }
+
+#: the string hyper-parameters' allowed values, checked by ``make_objective`` (config errors name the key)
+DORA_CHOICES = {("dora", "pair_weight"): DORA_PAIR_WEIGHTS, ("dora_reweight", "pair_weight"): DORA_PAIR_WEIGHTS}

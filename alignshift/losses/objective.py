@@ -59,6 +59,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from alignshift.losses.dora import DORA_CHOICES
 from alignshift.losses.hparams import NONNEGATIVE, POSITIVE, HParam, HParamError
 from alignshift.losses.listwise import lire_terms, plackett_luce_terms, rank_by_scores, rrhf_terms
 from alignshift.losses.logps import mean_logps
@@ -220,6 +221,11 @@ BASE_LOSSES: dict[str, BaseLossSpec] = {
     "lire": BaseLossSpec(_lire, (HParam("temperature", 2.0, ("float",), POSITIVE),), requires=frozenset({"lists"})),
 }
 
+#: allowed values of string hyper-parameters, ``(kind, name, key) -> choices`` (checked by make_objective)
+CHOICES: dict[tuple[str, str, str], tuple[str, ...]] = {
+    **{("weighting", rule, key): v for (rule, key), v in DORA_CHOICES.items()},
+}
+
 _AXIS_NAME = HParam("axis_name", None, ("None", "str"))  # accepted where a spec reduces with collectives
 _KINDS = {"base": ("base loss", "base_kwargs"), "weighting": ("weighting", "weighting_kwargs"),
           "penalty": ("penalty", "penalty_kwargs")}
@@ -352,4 +358,9 @@ def make_objective(
         raise ValueError(f"penalty_kwargs {sorted(penalty_kwargs)} given without a penalty")
     for kind, name, kwargs in groups:  # then each value's type and range (HParamError)
         check_hparams(kind, name, kwargs, names=False)
+        for key, value in kwargs.items():  # and a string hyper-parameter's allowed values
+            choices = CHOICES.get((kind, name, key))
+            if choices is not None and isinstance(value, str) and value not in choices:
+                label, group = _KINDS[kind]
+                raise HParamError(f"{label} {name!r}", group, key, f"must be one of {list(choices)}; got {value!r}")
     return Objective(base, weighting, base_kwargs, weighting_kwargs, penalty, penalty_kwargs)
