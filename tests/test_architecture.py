@@ -19,7 +19,7 @@ STAGES = [
     ("train", ["alignshift.train"]),
     ("eval", ["alignshift.eval"]),
     ("rewards", ["alignshift.rewards"]),
-    ("experiment", ["alignshift.experiment", "alignshift.dryrun", "alignshift.cli"]),
+    ("experiment", ["alignshift.experiment", "alignshift.dryrun", "alignshift.cli", "alignshift.doctor"]),
 ]
 
 

@@ -45,7 +45,7 @@ from alignshift.data.cleaning import clean_splits
 from alignshift.eval.report import aggregate_seeds, format_table, plot_training_curves, read_jsonl, write_json_atomic
 from alignshift.experiment.evaluators import DeployEvaluator
 from alignshift.forward import make_logits_fn, split_model
-from alignshift.train import phases
+from alignshift.train import phases, tracking
 from alignshift.train.metrics import JsonlWriter
 from alignshift.train.ref_cache import ReferenceLogpCache
 
@@ -400,6 +400,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, experiment: Experiment | Non
         done = finished_seeds(cfg, out, exp.seed_keys)
         _keep_records_of(metrics_path, set(done))
     writer = JsonlWriter(metrics_path, static=exp.writer_static(cfg))
+    tracking.start(cfg.train.report_to, out, to_dict(cfg))  # train.report_to: TensorBoard / W&B besides metrics.jsonl
     summaries = []
     for k in range(cfg.seeds):
         seed = cfg.seed + k
@@ -409,6 +410,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, experiment: Experiment | Non
         else:
             summaries.append(run_seed(cfg, seed, out, writer, exp))
     writer.close()
+    tracking.stop()
 
     summary = exp.aggregate(cfg, summaries)
     summary["wall_time_s"] = time.perf_counter() - t0
