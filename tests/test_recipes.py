@@ -264,3 +264,43 @@ def test_dora_experiment_selects_columns_by_pair_weight():
     listwise = exp.method_run(ctx, MethodConfig(name="l", base="pl", weighting="dora",
                                                 weighting_kwargs={"pair_weight": "pair"}))
     assert listwise.arrays["source_prob"].shape == (n, k)
+
+
+# ------------------------------------------------------------------ 4. SimPO's published configurations
+
+def _np_simpo(c, r, beta, gamma):
+    return np.logaddexp(0.0, -(beta * (np.asarray(c, np.float64) - np.asarray(r, np.float64)) - gamma))
+
+
+@pytest.mark.parametrize("kwargs, beta, gamma", [
+    ({}, 2.0, 1.6),                                          # default = Mistral-base: β 2.0, γ 1.6
+    ({"preset": "mistral_base"}, 2.0, 1.6),
+    ({"preset": "llama3_instruct"}, 2.5, 0.55 * 2.5),        # Llama-3-Instruct: β 2.5, γ/β 0.55
+    ({"preset": "llama3_instruct", "beta": 2.0}, 2.0, 1.1),  # the preset's ratio follows an explicit β
+    ({"preset": "mistral_base", "gamma_beta_ratio": 0.55}, 2.0, 1.1),  # the former defaults
+    ({"beta": 3.0, "gamma": 0.5, "gamma_beta_ratio": 0.55}, 3.0, 0.5),  # an explicit γ wins
+])
+def test_simpo_presets_match_numpy(kwargs, beta, gamma):
+    from alignshift.losses.preference import simpo_hparams
+
+    assert simpo_hparams(**kwargs) == pytest.approx((beta, gamma))
+    rng = np.random.default_rng(4)
+    n = 8
+    c, r = rng.normal(-8, 2, n), rng.normal(-8, 2, n)
+    nt = np.full(n, 4.0)
+    inp = {"policy_chosen_logps": jnp.asarray(c, jnp.float32), "policy_rejected_logps": jnp.asarray(r, jnp.float32),
+           "chosen_n_tokens": jnp.asarray(nt, jnp.float32), "rejected_n_tokens": jnp.asarray(nt, jnp.float32)}
+    terms, _ = make_objective("simpo", base_kwargs=kwargs).terms(inp)
+    np.testing.assert_allclose(np.asarray(terms.losses), _np_simpo(c / 4, r / 4, beta, gamma), rtol=1e-5)
+
+
+def test_simpo_preset_is_validated():
+    from alignshift.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'methods.0.base_kwargs.preset' must be one of "
+                                          r"\['mistral_base', 'llama3_instruct'\]; got 'zephyr'"):
+        load_config(None, ["methods.0.base=simpo", "methods.0.base_kwargs.preset=zephyr",
+                           "train.precompute_reference=false"])
+    cfg = load_config(os.path.join(ROOT, "experiments", "configs", "shift_demo.yaml"))
+    (simpo,) = [m for m in cfg.methods if m.base == "simpo"]
+    assert simpo.base_kwargs == {"preset": "mistral_base"}

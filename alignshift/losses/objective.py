@@ -30,7 +30,7 @@ cdpo       sigmoid DPO with ``label_smoothing`` default 0.1
 robust     Chowdhury et al. rDPO (``label_smoothing`` default 0.1)
 ipo        IPO; ``length_normalize=True`` (default) uses per-token mean log-probs as TRL does
 hinge      SLiC hinge
-simpo      SimPO, reference-free, mean log-probs, margin γ
+simpo      SimPO, reference-free, mean log-probs, margin γ; ``preset`` = a published configuration
 kto        KTO on paired data, reference point from mismatched completions
 pl         listwise Plackett–Luce DPO over K candidates (:mod:`alignshift.losses.listwise`)
 rrhf       listwise RRHF (ranking hinge on length-normalised log-probs + SFT term)
@@ -63,7 +63,15 @@ from alignshift.losses.dora import DORA_CHOICES
 from alignshift.losses.hparams import NONNEGATIVE, POSITIVE, HParam, HParamError
 from alignshift.losses.listwise import lire_terms, plackett_luce_terms, rank_by_scores, rrhf_terms
 from alignshift.losses.logps import mean_logps
-from alignshift.losses.preference import PreferenceTerms, dpo_terms, kto_terms, pair_metrics, simpo_terms
+from alignshift.losses.preference import (
+    SIMPO_DEFAULT_PRESET,
+    SIMPO_PRESETS,
+    PreferenceTerms,
+    dpo_terms,
+    kto_terms,
+    pair_metrics,
+    simpo_terms,
+)
 from alignshift.losses.penalties import PENALTIES, PENALTY_HPARAMS, PENALTY_KINDS
 from alignshift.losses.reduction import reduce_losses, weight_stats
 from alignshift.losses.weighting import WEIGHTING_RULES
@@ -112,10 +120,12 @@ def _ipo(inputs, *, beta=0.1, length_normalize=True):
     return t._replace(chosen_rewards=sg(beta * (pc - rc)), rejected_rewards=sg(beta * (pr - rr))), {}
 
 
-def _simpo(inputs, *, beta=2.0, gamma=None, gamma_beta_ratio=0.55, label_smoothing=0.0):
+def _simpo(inputs, *, preset=SIMPO_DEFAULT_PRESET, beta=None, gamma=None, gamma_beta_ratio=None,
+           label_smoothing=0.0):
     c = mean_logps(inputs["policy_chosen_logps"], inputs["chosen_n_tokens"])
     r = mean_logps(inputs["policy_rejected_logps"], inputs["rejected_n_tokens"])
-    t = simpo_terms(c, r, beta=beta, gamma=gamma, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing)
+    t = simpo_terms(c, r, beta=beta, gamma=gamma, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                    preset=preset)
     return t, {}
 
 
@@ -200,10 +210,12 @@ BASE_LOSSES: dict[str, BaseLossSpec] = {
     "robust": BaseLossSpec(_dpo_like("robust", 0.1), (_BETA, _smoothing(0.1))),
     "ipo": BaseLossSpec(_ipo, (_BETA, HParam("length_normalize", True, ("bool",)))),
     "hinge": BaseLossSpec(_dpo_like("hinge"), (_BETA, _smoothing(0.0))),
+    # β / γ / γ/β unset (None): the preset's (SIMPO_PRESETS; default mistral_base: β 2.0, γ 1.6)
     "simpo": BaseLossSpec(_simpo, (
-        HParam("beta", 2.0, ("float",), POSITIVE),
+        HParam("preset", SIMPO_DEFAULT_PRESET, ("str",)),
+        HParam("beta", None, ("None", "float"), POSITIVE),
         HParam("gamma", None, ("None", "float")),
-        HParam("gamma_beta_ratio", 0.55, ("float",)),
+        HParam("gamma_beta_ratio", None, ("None", "float")),
         _smoothing(0.0),
     ), requires=frozenset()),
     "kto": BaseLossSpec(_kto, (
@@ -224,6 +236,7 @@ BASE_LOSSES: dict[str, BaseLossSpec] = {
 #: allowed values of string hyper-parameters, ``(kind, name, key) -> choices`` (checked by make_objective)
 CHOICES: dict[tuple[str, str, str], tuple[str, ...]] = {
     **{("weighting", rule, key): v for (rule, key), v in DORA_CHOICES.items()},
+    ("base", "simpo", "preset"): tuple(SIMPO_PRESETS),
 }
 
 _AXIS_NAME = HParam("axis_name", None, ("None", "str"))  # accepted where a spec reduces with collectives

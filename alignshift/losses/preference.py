@@ -22,6 +22,8 @@ __all__ = [
     "PreferenceTerms",
     "dpo_terms",
     "dpo_loss",
+    "SIMPO_PRESETS",
+    "simpo_hparams",
     "simpo_terms",
     "simpo_loss",
     "kto_terms",
@@ -154,26 +156,56 @@ def dpo_loss(
     return terms.losses, pair_metrics(terms, policy_chosen_logps, policy_rejected_logps)
 
 
+#: The two published SimPO configurations (``princeton-nlp/SimPO`` ``training_configs/``), by
+#: name: ``mistral_base`` (``mistral-7b-base-simpo.yaml``: β 2.0, γ 1.6; lr 3e-7) and
+#: ``llama3_instruct`` (``llama-3-8b-instruct-simpo.yaml``: β 2.5, γ/β 0.55, i.e. γ 1.375;
+#: lr 1e-6). The learning rates are the optimiser's (``train.optim.lr``), not the loss's.
+SIMPO_PRESETS: dict[str, dict[str, float]] = {
+    "mistral_base": {"beta": 2.0, "gamma": 1.6},
+    "llama3_instruct": {"beta": 2.5, "gamma_beta_ratio": 0.55},
+}
+SIMPO_DEFAULT_PRESET = "mistral_base"
+
+
+def simpo_hparams(preset: str = SIMPO_DEFAULT_PRESET, beta: float | None = None, gamma: float | None = None,
+                  gamma_beta_ratio: float | None = None) -> tuple[float, float]:
+    """``(β, γ)`` of SimPO: the ``preset``'s values (:data:`SIMPO_PRESETS`), each overridden by
+    an explicit argument. The margin: an explicit ``gamma`` (absolute), else an explicit
+    ``gamma_beta_ratio``·β, else the preset's (its ``gamma``, or its ratio·β)."""
+    if preset not in SIMPO_PRESETS:
+        raise ValueError(f"unknown SimPO preset {preset!r}; choose one of {sorted(SIMPO_PRESETS)}")
+    p = SIMPO_PRESETS[preset]
+    b = p["beta"] if beta is None else beta
+    if gamma is not None:
+        return b, gamma
+    if gamma_beta_ratio is not None:
+        return b, gamma_beta_ratio * b
+    return b, p["gamma"] if "gamma" in p else p["gamma_beta_ratio"] * b
+
+
 def simpo_terms(
     policy_chosen_avg_logps,
     policy_rejected_avg_logps,
     *,
-    beta: float = 2.0,
+    beta: float | None = None,
     gamma: float | None = None,
-    gamma_beta_ratio: float = 0.55,
+    gamma_beta_ratio: float | None = None,
     label_smoothing: float = 0.0,
+    preset: str = SIMPO_DEFAULT_PRESET,
 ) -> PreferenceTerms:
     """SimPO (Meng et al. 2024): reference-free, on length-normalised log-probs.
 
     ``softplus(−(β·Ŝ_w − β·Ŝ_l − γ))`` (with optional label smoothing as in the SimPO repo).
-    ``γ`` is the absolute margin; if ``gamma`` is None it is ``gamma_beta_ratio · β`` (the
-    SimPO repo's parametrisation; TRL's ``simpo_gamma`` is ``γ`` itself).
+    ``γ`` is the absolute margin; ``gamma_beta_ratio`` gives it as ``γ/β`` (the SimPO repo's
+    parametrisation; TRL's ``simpo_gamma`` is ``γ`` itself). Unset values come from ``preset``
+    (:func:`simpo_hparams`): by default the Mistral-base configuration, β 2.0, γ 1.6 (the
+    former defaults, β 2.0 and γ/β 0.55, matched neither published configuration).
     Implicit rewards are ``β·Ŝ``.
     """
     _check_same_shape(
         policy_chosen_avg_logps=policy_chosen_avg_logps, policy_rejected_avg_logps=policy_rejected_avg_logps
     )
-    g = gamma_beta_ratio * beta if gamma is None else gamma
+    beta, g = simpo_hparams(preset, beta, gamma, gamma_beta_ratio)
     u = beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - g
     eps = label_smoothing
     losses = (1.0 - eps) * jax.nn.softplus(-u) + eps * jax.nn.softplus(u)
