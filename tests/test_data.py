@@ -159,7 +159,8 @@ def test_encode_prompts_left_padded(tok):
 
 def test_encode_pairs_keys_and_kl_mismatch(tok):
     exs = [_ex(chosen=c, rejected=r) for c, r in [("recipe", "poison"), ("oven oven", "the"), ("flour a", "a")]]
-    enc = encode_pairs(tok, exs, max_prompt_len=6, max_completion_len=4)
+    # the former kl pairing (the default, kl_pairing="trl", is tested in tests/test_recipes.py)
+    enc = encode_pairs(tok, exs, max_prompt_len=6, max_completion_len=4, kl_pairing="previous_chosen")
     assert tuple(enc) == PAIR_KEYS
     assert all(v.dtype == np.int32 for v in enc.values())
     n = len(exs)

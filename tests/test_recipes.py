@@ -304,3 +304,56 @@ def test_simpo_preset_is_validated():
     cfg = load_config(os.path.join(ROOT, "experiments", "configs", "shift_demo.yaml"))
     (simpo,) = [m for m in cfg.methods if m.base == "simpo"]
     assert simpo.base_kwargs == {"preset": "mistral_base"}
+
+
+# ------------------------------------------------------------------ 5. KTO's reference point (kl_* rows)
+
+def _trl_kl_sources(n, per_device_batch):
+    """TRL's KL completions for a paired data set, as (prompt row, completion row, field):
+    maybe_unpair_preference_dataset -> [every chosen ..., every rejected ...] (one map chunk),
+    then _get_kl_dataset rotates completions by one within each per-device batch."""
+    rows = [(i, i, "chosen") for i in range(n)] + [(i, i, "rejected") for i in range(n)]
+    out = []
+    for s in range(0, len(rows), per_device_batch):
+        chunk = rows[s:s + per_device_batch]
+        rotated = [chunk[-1]] + chunk[:-1]
+        out += [(p[0], c[1], c[2]) for p, c in zip(chunk, rotated)]
+    return out
+
+
+def test_kto_kl_completions_follow_trl():
+    """Default kl_pairing="trl": every kl_* row pairs its prompt with ANOTHER example's
+    completion, half of them chosen and half rejected, as TRL's KL completions (all of a
+    batch's completions, rejected ones included); "previous_chosen" is the former rule."""
+    from alignshift.data.encode import kl_completion_sources
+
+    n = 10
+    src = kl_completion_sources(n)
+    assert all(j != i for i, (j, _) in enumerate(src))
+    assert sum(f == "rejected" for _, f in src) == n // 2 == sum(f == "chosen" for _, f in src)
+    trl = _trl_kl_sources(n, per_device_batch=4)
+    assert sum(f == "rejected" for _, _, f in trl) == n == sum(f == "chosen" for _, _, f in trl)
+    assert sum(p != c for p, c, _ in trl) >= 2 * n - 4  # mismatched but for chunk edges of one pair's rows
+    assert kl_completion_sources(n, "previous_chosen") == [((i - 1) % n, "chosen") for i in range(n)]
+    assert kl_completion_sources(1) == [(0, "chosen")]
+    with pytest.raises(ValueError, match="unknown kl_pairing 'x'"):
+        kl_completion_sources(3, "x")
+
+
+def test_encode_pairs_kl_rows_by_default_are_trls():
+    from alignshift.data import encode_pairs
+    from alignshift.data.schema import PreferenceExample
+    from alignshift.data.tokenizer import WordTokenizer
+
+    texts = [("recipe oven", "poison"), ("flour", "the a"), ("oven oven", "a"), ("bake", "no")]
+    exs = [PreferenceExample(f"user: explain {w} assistant:", c, r) for w, (c, r) in zip("abcd", texts)]
+    tok = WordTokenizer(sorted({w for e in exs for w in f"{e.prompt} {e.chosen} {e.rejected}".split()}))
+    enc = encode_pairs(tok, exs, max_prompt_len=6, max_completion_len=4)
+    for i in range(len(exs)):
+        j = (i - 1) % len(exs)
+        want = exs[j].chosen if i % 2 == 0 else exs[j].rejected
+        ids, lm = enc["kl_input_ids"][i], enc["kl_loss_mask"][i]
+        assert tok.decode(ids[lm == 1], skip_special=False) == want + " <eos>"
+    # the kl row's prompt part is the example's own prompt
+    np.testing.assert_array_equal(enc["kl_input_ids"] * (1 - enc["kl_loss_mask"]) * enc["kl_attention_mask"],
+                                  enc["chosen_input_ids"] * (1 - enc["chosen_loss_mask"]) * enc["chosen_attention_mask"])

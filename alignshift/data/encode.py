@@ -34,7 +34,11 @@ import numpy as np
 from .schema import DataError, PreferenceExample, validate_examples
 from .tokenizer import WordTokenizer
 
-__all__ = ["encode_completions", "encode_prompts", "encode_pairs", "encode_lists", "PAIR_KEYS", "LIST_KEYS"]
+__all__ = ["encode_completions", "encode_prompts", "encode_pairs", "encode_lists", "kl_completion_sources",
+           "KL_PAIRINGS", "PAIR_KEYS", "LIST_KEYS"]
+
+#: How :func:`encode_pairs` builds KTO's mismatched ``kl_*`` rows (:func:`kl_completion_sources`).
+KL_PAIRINGS: tuple[str, ...] = ("trl", "previous_chosen")
 
 #: Exact keys returned by :func:`encode_pairs`.
 PAIR_KEYS: tuple[str, ...] = (
@@ -121,20 +125,47 @@ def encode_prompts(tokenizer: WordTokenizer, prompts: Sequence[str], *, max_prom
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
 
+def kl_completion_sources(n: int, kl_pairing: str = "trl") -> list[tuple[int, str]]:
+    """For each of ``n`` examples, ``(row, field)`` of the completion its ``kl_*`` row pairs with
+    its prompt: KTO's mismatched completions ``y'`` for the reference point
+    ``z₀ = max(0, mean log π(y'|x)/π_ref(y'|x))``.
+
+    * ``"trl"`` (default): the previous example's (``(i − 1) mod n``) CHOSEN completion for even
+      ``i`` and its REJECTED completion for odd ``i``. TRL unpairs a paired data set into 2n
+      rows (every chosen and every rejected completion, each with its prompt) and gives each
+      row the completion of the row before it within its batch, so its KL completions are the
+      batch's completions, rejected ones included, each with another prompt. With one ``kl_*``
+      row per pair, alternating chosen and rejected draws the mismatched completions from the
+      same half-chosen, half-rejected set.
+    * ``"previous_chosen"``: the previous example's chosen completion for every ``i`` (the
+      former behaviour; KL completions are desirable responses only).
+
+    With ``n == 1`` the pair is matched (there is no other completion)."""
+    if kl_pairing not in KL_PAIRINGS:
+        raise ValueError(f"unknown kl_pairing {kl_pairing!r}; choose one of {KL_PAIRINGS}")
+    if kl_pairing == "previous_chosen":
+        return [((i - 1) % n, "chosen") for i in range(n)]
+    return [((i - 1) % n, "chosen" if i % 2 == 0 else "rejected") for i in range(n)]
+
+
 def encode_pairs(
     tokenizer: WordTokenizer,
     examples: Sequence[PreferenceExample | dict],
     *,
     max_prompt_len: int,
     max_completion_len: int,
+    kl_pairing: str = "trl",
 ) -> dict[str, np.ndarray]:
     """Encode preference pairs into the arrays named in :data:`PAIR_KEYS`.
 
     ``chosen_*``/``rejected_*``: :func:`encode_completions` of (prompt, chosen/rejected).
     ``prompt_*``: :func:`encode_prompts` of the prompts.
-    ``kl_*``: prompt ``i`` paired with the CHOSEN completion of example ``(i - 1) mod N``
-    (mismatched pairs for KTO's reference-point KL estimate, as in TRL; with N == 1
-    the pair is matched, there being no other completion).
+    ``kl_*``: prompt ``i`` paired with another example's completion (mismatched pairs for
+    KTO's reference-point KL estimate): with ``kl_pairing="trl"`` (default) the previous
+    example's chosen completion for even ``i`` and its rejected one for odd ``i``, drawing
+    from chosen and rejected completions alike as TRL does; ``"previous_chosen"``: always the
+    previous example's chosen one (:func:`kl_completion_sources`). With N == 1 the pair is
+    matched, there being no other completion.
 
     Examples are validated first (:class:`DataError` on bad rows); a completion with
     zero tokens after truncation also raises :class:`DataError`.
@@ -144,17 +175,17 @@ def encode_pairs(
     prompts = [e.prompt for e in exs]
     chosen = [e.chosen for e in exs]
     rejected = [e.rejected for e in exs]
-    kl_completions = [chosen[(i - 1) % len(exs)] for i in range(len(exs))] if exs else []
+    kl_sources = kl_completion_sources(len(exs), kl_pairing)
+    kl_completions = [chosen[j] if f == "chosen" else rejected[j] for j, f in kl_sources]
 
     kw = dict(max_prompt_len=max_prompt_len, max_completion_len=max_completion_len)
     out: dict[str, np.ndarray] = {}
-    for prefix, comps, field_name in (("chosen", chosen, "chosen"), ("rejected", rejected, "rejected"),
-                                      ("kl", kl_completions, "chosen")):
+    for prefix, comps in (("chosen", chosen), ("rejected", rejected), ("kl", kl_completions)):
         enc = encode_completions(tokenizer, prompts, comps, **kw)
         n_tok = enc["loss_mask"].sum(axis=1)
         if np.any(n_tok == 0):  # defensive: cannot happen with max_completion_len >= 1
             i = int(np.argmax(n_tok == 0))
-            row = i if prefix != "kl" else (i - 1) % len(exs)
+            row, field_name = kl_sources[i] if prefix == "kl" else (i, prefix)
             raise DataError(f"row {row}: field '{field_name}' has zero tokens after truncation")
         out[f"{prefix}_input_ids"] = enc["input_ids"]
         out[f"{prefix}_attention_mask"] = enc["attention_mask"]
