@@ -1,7 +1,7 @@
 """DoRA (Zhu, Liu, Fu, Zhang, Mao; NeurIPS 2025): distribution-aware robust alignment.
 
 The calibrated log-mean-exp objective ``λ·log mean_j exp(H_j·ℓ_j/λ)`` over any base loss
-(algorithms.md §4), where ``H_j`` is the mean over example ``j``'s responses of the
+(docs/methods.md §4), where ``H_j`` is the mean over example ``j``'s responses of the
 calibration weight ``h̃ = p/(α·p + a·(1 − p))`` from a source classifier's probability ``p``
 (:mod:`alignshift.rewards.source_classifier`). This module holds:
 
@@ -70,7 +70,7 @@ def _is_concrete(x) -> bool:
 
 
 def dora_calibration(p, *, alpha, source_share, eps: float = 1e-6):
-    """DoRA's calibration weight per response (algorithms.md §4.2):
+    """DoRA's calibration weight per response (docs/methods.md §4.2):
 
         h̃ = 1 / (α + a·(1 − p)/p)  =  p / (α·p + a·(1 − p))
 

@@ -4,7 +4,7 @@ What is solved
 --------------
 Given per-example features of a training mini-batch ``a_1..a_n`` and of a deployment /
 validation mini-batch ``c_1..c_m`` (scalars or vectors), :func:`kmm_weights` returns the
-solution of the box-and-slab constrained KMM quadratic programme (spec §2.2 / §2.4)::
+solution of the box-and-slab constrained KMM quadratic programme (docs/methods.md §2.2 / §2.4)::
 
     minimise_w   ½ wᵀ (K + ridge·I) w − κᵀ w
     subject to   0 ≤ w_i ≤ B,      | Σ_i w_i − n | ≤ n·ε
@@ -34,12 +34,12 @@ argument         default    source
                             ``1 / mean_{i<j} ‖a_i − a_j‖²`` when the median is 0, and to 1 when
                             all training features coincide — then K is all ones anyway).
 ``ridge``        0.1        IW-DPO's regulariser "λ = 0.1 in Eq. 9" [SEED], read as reading (a)
-                            of spec §2.3: a ridge on the weights, ``K → K + λI`` (the [INFER]
+                            of docs/methods.md §2.3: a ridge on the weights, ``K → K + λI`` (the [INFER]
                             default). DIW's code uses a jitter of 1e-5 at this place, so
                             ``ridge=1e-5`` reproduces DIW.
 ``upper_bound``  50.0       DIW code (``B = 50``); unknown for IW-DPO [INFER].
 ``eps``          None       ``(√n − 1)/√n`` as in DIW's code, i.e. ``√n ≤ Σw ≤ 2n − √n``.
-``iters``        500        FISTA iterations at most (spec: 200–1000 for n ≤ 128). Measured against a
+``iters``        500        FISTA iterations at most (200–1000 suffice for n ≤ 128). Measured against a
                             float64 SLSQP solution (random 1-/2-D problems, m ∈ {4, 16}, γ from
                             1e-3 to 10, median, DIW quantile): ≤ 100 iterations reach 1e-5
                             relative objective accuracy at n = 64 (≤ 150 at n = 128) with
@@ -63,7 +63,7 @@ its first value is the max row sum, already no worse than the crude safe bound `
 relative safety factor ``1 + 1e-4`` covers float32 rounding. Every step uses the exact
 Euclidean projection :func:`project_box_slab`.
 
-``solver="closed_form"``: reading (b) of spec §2.3, an unconstrained ridge KMM
+``solver="closed_form"``: reading (b) of docs/methods.md §2.3, an unconstrained ridge KMM
 ``w = clip((K + ridge·n·I)⁻¹ κ, 0, B)`` (here ``ridge`` multiplies ``n·I``; the slab
 constraint is not imposed). Needs ``ridge > 0``.
 

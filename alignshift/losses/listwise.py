@@ -1,7 +1,7 @@
 """Listwise preference losses over K candidates per prompt: Plackett–Luce DPO, RRHF, LIRE.
 
 These are the listwise base losses DoRA plugs its calibrated robust reduction into
-(algorithms.md §4.1–4.2). Every function is pure and jittable and returns per-PROMPT losses
+(docs/methods.md §4.1–4.2). Every function is pure and jittable and returns per-PROMPT losses
 ``[B]`` (unreduced), so any weighting rule of :mod:`alignshift.losses.weighting` composes
 with them exactly as with the pairwise losses.
 

@@ -1,6 +1,6 @@
 """Per-sequence log-probabilities from logits, labels and a response mask.
 
-Contract (design.md): ``sequence_logps(logits, labels, mask) -> (sum_logps[B], n_tokens[B])``
+Contract: ``sequence_logps(logits, labels, mask) -> (sum_logps[B], n_tokens[B])``
 with labels already shifted (position ``t`` of ``logits`` predicts ``labels[t]``).
 Masked positions contribute exactly 0, even when their logits are garbage (inf / NaN) and
 even when their labels are out of range (e.g. HF's ``-100``); their gradient is exactly 0.

@@ -1,7 +1,7 @@
 """Penalty terms added to a reduced objective. Currently WDPO's Wasserstein dual term.
 
 WDPO (Xu et al., NeurIPS 2025) regularises DPO by the norm of each pair's loss gradient with
-respect to its **input token embeddings** (algorithms.md §3.2). With ``e`` the embeddings of
+respect to its **input token embeddings** (docs/methods.md §3.2). With ``e`` the embeddings of
 the chosen rows (first B) and rejected rows (next B), ``g = ∂(Σ_i L_i)/∂e``; since pair ``i``'s
 loss depends only on its own two rows, ``g``'s rows are per-pair gradients (one VJP gives all
 of them). Per pair ``P_i = ‖g_chosen,i‖²_F + ‖g_rejected,i‖²_F`` (prompt positions included;

@@ -6,7 +6,7 @@ frozen reference. Each returns ``(losses [B], metrics)`` where ``metrics`` holds
 named as TRL names them. The internal ``*_terms`` functions additionally return the per-
 example implicit rewards, which the batch weighting rules (IW-DPO-R, ...) use as features.
 
-Notation (algorithms.md §0): ``ρ(y) = log π(y) − log π_ref(y)``, implicit reward ``β·ρ``,
+Notation (docs/methods.md §0): ``ρ(y) = log π(y) − log π_ref(y)``, implicit reward ``β·ρ``,
 margin ``h = ρ(y_w) − ρ(y_l)``.
 """
 

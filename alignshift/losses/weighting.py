@@ -181,7 +181,7 @@ def iw_weights(
     tol: float = 1e-6,
 ):
     """IW-DPO (Lodkaew et al., TMLR 2025): kernel-mean-matching weights that make the training
-    batch's features match the deployment/validation batch's (algorithms.md §2.4).
+    batch's features match the deployment/validation batch's (docs/methods.md §2.4).
 
     Registered twice: ``iw_dpo_l`` (features = detached per-example losses) and ``iw_dpo_r``
     (features = the label-ordered implicit-reward pair ``[r̂_w, r̂_l]``). The rule then
@@ -235,6 +235,6 @@ WEIGHTING_RULES: dict[str, WeightingRule] = {
     "dr_dpo": WeightingRule(drdpo_softmin_rule, features="loss", collectives=True, hparams=(
         HParam("beta_prime", 1.0, ("float",), POSITIVE),
     )),
-    # DoRA (algorithms.md §4) and its two ablations: "dora", "dro" ("DRO only"), "dora_reweight"
+    # DoRA (docs/methods.md §4) and its two ablations: "dora", "dro" ("DRO only"), "dora_reweight"
     **DORA_RULES,
 }

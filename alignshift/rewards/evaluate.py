@@ -8,7 +8,7 @@
 ``--model`` is a Hugging Face folder (``config.json`` + safetensors + tokenizer with a chat
 template, loaded by :func:`alignshift.models.hf.load_hf_model` / ``load_hf_tokenizer``).
 Nothing is downloaded: every benchmark is a local JSONL file, one example per line, in the
-layout of the public release of the benchmarks FLR reports (spec §5.4). ``--layout auto``
+layout of the public release of the benchmarks FLR reports (docs/methods.md §5.4). ``--layout auto``
 recognises the layout from the first row's keys:
 
 Pairwise (metric: accuracy = fraction of pairs with ``r(chosen) > r(rejected)``; ties wrong)
@@ -64,7 +64,7 @@ Real models on a CPU
       ``--max-examples N`` keeps the first N rows.
     * ``--hh-turns``: render an HH transcript prompt as alternating chat turns (``user`` /
       ``assistant`` ...) under the tokenizer's chat template, as the FLR authors' scripts do
-      for multi-turn conversations (spec §5.3), instead of one user message holding the whole
+      for multi-turn conversations (docs/methods.md §5.3), instead of one user message holding the whole
       ``Human:/Assistant:`` transcript (the default).
     * ``--sweep`` (pairwise files): ONE follow-up pass with all 60 follow-ups scores FLR in both
       modes for every dimension and ``all`` (``--aggregate``), then Direct and a response-length

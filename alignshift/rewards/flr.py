@@ -2,7 +2,7 @@
 
 A response ``y`` to a prompt ``x`` is scored by how likely a causal LM finds *positive* user
 follow-ups ("That makes perfect sense!") versus *negative* ones ("That makes no sense!")
-right after it (spec: ``shared/spec/algorithms.md`` §5).
+right after it (``docs/methods.md`` §5).
 
     scores = flr_scores(model, tokenizer, prompts, responses, dimension="understanding",
                         mode="likelihood", aggregate="difference")      # np.ndarray [N]
@@ -39,7 +39,7 @@ Score of one follow-up ``f`` (``mode=``)
       special tokens (``[BOS, f_1..f_n]``), take the logits row at position ``-(n+1)`` of the
       templated sequence (counted from its last token, the turn end), i.e. the row at
       ``f_1``, and average that row's RAW logits over those ``n+1`` ids. A bag-of-tokens
-      logit at one position, not a likelihood (spec §5.3).
+      logit at one position, not a likelihood (docs/methods.md §5.3).
 
 Aggregation (``aggregate=``) over the follow-ups of the chosen dimension(s)
     ``"difference"``: ``mean_{f∈Pos} s(f) − mean_{f∈Neg} s(f)`` (default);

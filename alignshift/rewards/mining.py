@@ -1,6 +1,6 @@
 """Mining preference data with a reward (FLR by default), and FLR-LM feedback fine-tuning.
 
-Pair mining (spec §5.5; the rules are not in the authors' repo, so they follow the paper's
+Pair mining (docs/methods.md §5.5; the rules are not in the authors' repo, so they follow the paper's
 description as recorded in the spec [INFER]):
 
     responses = sample_responses(policy, tok, prompts, n_samples=8, temperature=0.7, top_p=0.9, key=k)
@@ -18,7 +18,7 @@ description as recorded in the spec [INFER]):
 * :func:`kto_examples`: the same extremes as unpaired KTO rows
   ``{"prompt", "completion", "label": True/False, "score"}``.
 
-FLR-LM fine-tuning with natural-language feedback (spec §5.3/§5.5): the scoring LM learns to
+FLR-LM fine-tuning with natural-language feedback (docs/methods.md §5.3/§5.5): the scoring LM learns to
 play the *user* of the role-swapped template — ``user: FT_INSTRUCTION`` / ``assistant: x`` /
 ``user: y`` / ``assistant: feedback``. :func:`feedback_sft_arrays` renders such conversations
 with the tokenizer's chat template and puts the loss on the ASSISTANT turns only (content and
@@ -192,7 +192,7 @@ def kto_examples(prompts: Sequence[str], responses: Sequence[Sequence[str]], sco
 
 
 def feedback_conversation(prompt: str, response: str, feedback: str) -> list[dict]:
-    """The role-swapped conversation the fine-tuned FLR-LM learns (spec §5.3)."""
+    """The role-swapped conversation the fine-tuned FLR-LM learns (docs/methods.md §5.3)."""
     from alignshift.rewards.flr import FT_INSTRUCTION
 
     return [{"role": "user", "content": FT_INSTRUCTION}, {"role": "assistant", "content": prompt},

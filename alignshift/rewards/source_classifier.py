@@ -1,5 +1,5 @@
 """DoRA's source classifier: ``Pr(target | prompt, response)`` vs the synthetic sources, with a
-held-out calibration report, precomputed once per response (algorithms.md §4.1–4.2).
+held-out calibration report, precomputed once per response (docs/methods.md §4.1–4.2).
 
 Pipeline (:class:`SourceClassifier`):
 

@@ -154,7 +154,7 @@ for _spec in (
     DatasetSpec("pku_safe_rlhf", "PKU-Alignment/PKU-SafeRLHF", _pku_plain, "pairs", "card",
                 "PKU-SafeRLHF pairs (train/test), chosen by helpfulness (label='safety': by safety)"),
     DatasetSpec("pku_safe_rlhf_iw", "PKU-Alignment/PKU-SafeRLHF", lambda s, **k: iw_dpo_splits(s, **k), "pairs",
-                "card", "PKU-SafeRLHF with the IW-DPO deployment-shift split recipe (spec §8)"),
+                "card", "PKU-SafeRLHF with the IW-DPO deployment-shift split recipe (docs/methods.md §8)"),
     DatasetSpec("shp", "stanfordnlp/SHP", _pairs_builder(load_shp, "train", "validation", "test"), "pairs", "card",
                 "SHP pairs with score-ratio / per-post / domain filtering"),
     DatasetSpec("shp_domain_shift", "stanfordnlp/SHP", lambda s, **k: shp_domain_shift_splits(s, **k), "pairs",

@@ -314,7 +314,7 @@ def shift_split(
     test_examples: Sequence | None = None,
     seed: int = 0,
 ) -> DatasetSplits:
-    """The IW-DPO deployment-shift recipe (spec §8), for any "deployment" predicate.
+    """The IW-DPO deployment-shift recipe (docs/methods.md §8), for any "deployment" predicate.
 
     Deployment-type examples (``is_deploy``) are shuffled and split into a training part, a
     validation set and a test set; every non-deployment example goes to train. The training

@@ -4,7 +4,7 @@ Published schema: ``text`` (an English tweet) and ``label`` (class id: 0 sadness
 2 love, 3 anger, 4 fear, 5 surprise); splits ``train`` (16k), ``validation`` (2k),
 ``test`` (2k) in the ``split`` config.
 
-It is a *classification* set, not preference data: the experiment (spec §3.3, §8) trains an
+It is a *classification* set, not preference data: the experiment (docs/methods.md §3.3, §8) trains an
 emotion classifier on it (the reward model), uses tweet prefixes as prompts for a GPT-2
 policy, and labels pairs of sampled continuations by a mixture of two emotion rewards
 (``fear`` at training with α₀ = 0.1, moving towards ``anger`` at evaluation; convex or

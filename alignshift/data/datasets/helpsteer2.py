@@ -14,7 +14,7 @@ policy completions scored by ArmoRM's per-objective heads (e.g. ``helpsteer-help
 ``ultrafeedback-honesty``).
 
 :func:`helpsteer2_mixture_pairs` is the WDPO construction (``src/generate_preferences.py``,
-spec §3.3): z-score every objective across the split, mix with convex weights (they must
+docs/methods.md §3.3): z-score every objective across the split, mix with convex weights (they must
 sum to 1), chosen = argmax and rejected = argmin of the mixed score within the prompt.
 """
 
@@ -33,7 +33,7 @@ HUB_NAME = "nvidia/HelpSteer2"
 NAME = "helpsteer2"
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
-#: The three 0.5/0.5 training mixtures of the WDPO ArmoRM experiment (spec §3.3), named by
+#: The three 0.5/0.5 training mixtures of the WDPO ArmoRM experiment (docs/methods.md §3.3), named by
 #: ArmoRM objective.
 WDPO_MIXTURES = {
     "truthfulness_complexity": {"ultrafeedback-truthfulness": 0.5, "helpsteer-complexity": 0.5},

@@ -16,7 +16,7 @@ response sources, and ``category``:
   distribution of the IW-DPO paper;
 * ``helpful_harmful`` -- the chosen response is unsafe (the training-only regime).
 
-:func:`iw_dpo_splits` applies the recipe of spec §8: ``D_tr`` = all helpful-harmful pairs
+:func:`iw_dpo_splits` applies the recipe of docs/methods.md §8: ``D_tr`` = all helpful-harmful pairs
 plus a helpful-harmless part that is 25% of ``D_tr``; ``D_v`` = helpful-harmless pairs, 50
 times smaller than ``D_tr``; ``D_te`` = the remaining helpful-harmless pairs (or those of
 the dataset's ``test`` split). Which pairs count as "helpful-harmless" in the paper is not
