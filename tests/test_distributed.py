@@ -123,7 +123,9 @@ def _env(n_devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_", "OMPI_",
                                 "TPU_WORKER", "MEGASCALE"))}
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}").strip()
+    # the same cheap CPU compile settings in every worker (compiling dominates this test's time)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+                        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
