@@ -55,12 +55,8 @@ def _device_memory(d) -> dict:
         stats = d.memory_stats() or {}
     except Exception:  # not every backend implements it
         stats = {}
-    out = {"limit_gib": _gib(stats.get("bytes_limit")), "in_use_gib": _gib(stats.get("bytes_in_use"))}
-    if out["limit_gib"] is None:
-        out["source"] = "n/a"
-    else:
-        out["source"] = "memory_stats"
-    return out
+    return {"limit_gib": _gib(stats.get("bytes_limit")), "in_use_gib": _gib(stats.get("bytes_in_use")),
+            "peak_gib": _gib(stats.get("peak_bytes_in_use"))}
 
 
 def _cudnn_attention(backend: str) -> dict:
