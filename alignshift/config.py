@@ -522,6 +522,23 @@ def report_to_list(value, *, check_installed: bool = False) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _validate_packing(cfg: ExperimentConfig) -> None:
+    """``train.packing`` / ``train.share_prompt`` (alignshift/data/packing.py): combinations they refuse."""
+    on = [k for k in ("packing", "share_prompt") if getattr(cfg.train, k)]
+    if not on:
+        return
+    key = f"train.{on[0]}"
+    if cfg.train.length_bucket > 0:
+        raise ConfigError(f"config key {key!r} is true and 'train.length_bucket' is {cfg.train.length_bucket}: "
+                          "packed rows have no padding to trim (set train.length_bucket=0)")
+    for i, m in enumerate(cfg.methods):
+        if m.penalty is not None:
+            raise ConfigError(f"config key {key!r} is true, but 'methods.{i}' ({m.name}) has the penalty "
+                              f"{m.penalty!r}, which differentiates through the input embeddings of padded "
+                              "sequences and does not support packed rows (set train.packing and train.share_prompt to "
+                              "false, or drop the penalty)")
+
+
 def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTING_RULES) -> None:
     """Impossible combinations and out-of-range loop/data settings (issue 10)."""
     from alignshift.data.schema import TRUNCATION_POLICIES
@@ -555,6 +572,7 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
                                   f"'methods.{i}' ({m.name}) has the listwise base loss {m.base!r}: length "
                                   "bucketing only trims pairwise [B, T] batches, not the [B, K, T] cand_* "
                                   "arrays (set train.length_bucket=0)")
+    _validate_packing(cfg)
     uses_ref = [m.name for m in cfg.methods if "reference" in BASE_LOSSES[m.base].requires]
     if not uses_ref:
         free = sorted({m.base for m in cfg.methods})

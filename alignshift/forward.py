@@ -17,6 +17,12 @@ models (:mod:`alignshift.rewards`). It imports models and losses only.
 * :func:`map_batches` — a jitted per-example function over a whole dataset in fixed-size
   padded batches (one compiled shape).
 
+Every function above also takes a **packed** batch (:func:`is_packed`;
+:func:`alignshift.data.packing.pack_batch`: ``train.packing`` / ``train.share_prompt``): one
+forward over its ``packed_*`` rows (segment ids, positions, shared-prompt branch ids), the LM
+head on the ``{g}_target_index`` positions only, and the same per-example outputs as the padded
+batch it was packed from.
+
 What the objective needs is read from one declaration, ``objective.requires`` (a set of input
 kinds: ``reference``, ``kl_completions``, ``wpo_terms``, ``val_batch``, ``source``, ``lists``).
 
@@ -24,6 +30,9 @@ Batch layout (:func:`alignshift.data.encode.encode_pairs`): ``{chosen,rejected,k
 attention_mask,loss_mask}`` ``[B, T]``, optional precomputed ``reference_{g}_logps`` ``[B]``;
 listwise (:func:`alignshift.data.encode.encode_lists`): ``cand_{input_ids,attention_mask,
 loss_mask}`` ``[B, K, T]``, ``cand_scores`` ``[B, K]``, optional ``reference_cand_logps``.
+Packed (:mod:`alignshift.data.packing`): ``packed_{input_ids,segment_ids,positions[,branch_ids]}``
+``[R, L]`` and ``{g}_target_{index,ids,mask}`` ``[B, W]`` (``cand``: ``[B, K, W]``) instead of the
+groups' token arrays; the per-example arrays unchanged.
 """
 
 from __future__ import annotations
@@ -44,9 +53,11 @@ __all__ = [
     "attach_reference",
     "batch_sequence_logps",
     "is_list_batch",
+    "is_packed",
     "list_inputs",
     "make_logits_fn",
     "map_batches",
+    "packed_sequence_logps",
     "policy_inputs",
     "reference_logps",
     "response_windows",
@@ -107,6 +118,23 @@ class LogitsFn:
             return out
         return (jnp.where(dropped, jnp.nan, out[0]), n_tokens) + tuple(out[2:])
 
+    def packed_sequence_logps(self, params, rows, target_index, target_ids, target_mask, with_wpo: bool = False):
+        """Per-sequence log-probs of a packed batch: one forward over ``rows``
+        (``packed_{input_ids,segment_ids,positions[,branch_ids]}`` [R, L]), the final hidden states
+        gathered at ``target_index`` [N, W] (flat ``row * L + column`` of each response token's
+        predecessor), the LM head (chunked with ``logits_chunk``) on those N·W positions only.
+        Returns ``(sum_logps [N], n_tokens [N])`` (+ WPO's term)."""
+        model = nnx.merge(self.graphdef, params, self.rest)
+        h = model.hidden_states(rows["packed_input_ids"], positions=rows["packed_positions"],
+                                segment_ids=rows["packed_segment_ids"], branch_ids=rows.get("packed_branch_ids"))
+        R, L, d = h.shape
+        h = jnp.take(h.reshape(R * L, d), target_index, axis=0)  # [N, W, d]
+        if self.logits_chunk > 0:
+            return chunked_sequence_logps(h, model.logits_from_hidden, target_ids, target_mask,
+                                          chunk_size=self.logits_chunk, with_wpo=with_wpo)
+        fn = sequence_logps_wpo if with_wpo else sequence_logps
+        return fn(model.logits_from_hidden(h), target_ids, target_mask)
+
 
 def response_windows(hidden, labels, mask, window: int):
     """Per row, the ``window`` positions from the first ``mask`` position on (clipped to the
@@ -128,6 +156,34 @@ def make_logits_fn(graphdef, rest, *, logits_chunk: int = 0, response_window: in
     """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]`` (pure); see
     :class:`LogitsFn` for ``logits_chunk`` and ``response_window``."""
     return LogitsFn(graphdef, rest, logits_chunk, response_window)
+
+
+def is_packed(batch) -> bool:
+    """A packed / shared-prompt batch (:mod:`alignshift.data.packing`): it holds ``packed_input_ids``."""
+    return batch is not None and "packed_input_ids" in batch
+
+
+def packed_sequence_logps(logits_fn, params, batch, groups, with_wpo: bool = False) -> dict:
+    """``{group: outputs}`` of a packed batch: ONE forward over its rows for all ``groups`` (their
+    targets concatenated on the example axis; ``cand`` flattened from ``[B, K, W]``), each group's
+    outputs shaped like its examples (``[B]``, or ``[B, K]`` for ``cand``)."""
+    if not isinstance(logits_fn, LogitsFn):
+        raise TypeError(f"a packed batch needs a LogitsFn (make_logits_fn), got {type(logits_fn).__name__}")
+    missing = [f"{g}_target_index" for g in groups if f"{g}_target_index" not in batch]
+    if missing:
+        raise ValueError(f"packed batch lacks {missing}: it was packed without these sequence groups")
+    fields = [[batch[f"{g}_target_{f}"] for g in groups] for f in ("index", "ids", "mask")]
+    shapes = [x.shape[:-1] for x in fields[0]]
+    flat = [jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs], axis=0) for xs in fields]
+    rows = {k: batch[k] for k in ("packed_input_ids", "packed_segment_ids", "packed_positions", "packed_branch_ids")
+            if k in batch}
+    outs = logits_fn.packed_sequence_logps(params, rows, *flat, with_wpo=with_wpo)
+    result, a = {}, 0
+    for g, shape in zip(groups, shapes):
+        n = int(np.prod(shape))
+        result[g] = tuple(o[a:a + n].reshape(shape) for o in outs)
+        a += n
+    return result
 
 
 def batch_sequence_logps(logits_fn, params, input_ids, attention_mask, loss_mask, *, with_wpo: bool = False):
@@ -162,7 +218,10 @@ def split_groups(outs, batch, groups) -> dict:
 
 
 def group_logps(logits_fn, params, batch, groups, with_wpo=False) -> dict:
-    """One forward over the groups concatenated on the batch axis -> ``{group: outputs}``."""
+    """One forward over the groups concatenated on the batch axis -> ``{group: outputs}`` (a packed
+    batch: one forward over its rows, :func:`packed_sequence_logps`)."""
+    if is_packed(batch):
+        return packed_sequence_logps(logits_fn, params, batch, groups, with_wpo=with_wpo)
     outs = batch_sequence_logps(
         logits_fn,
         params,
@@ -218,11 +277,15 @@ def _passthrough(batch, inputs: dict) -> None:
 
 # ------------------------------------------------------------------ listwise (K candidates)
 def is_list_batch(objective: Objective, batch) -> bool:
-    """A listwise objective given a ``cand_*`` batch (pairwise batches keep the pair path)."""
-    return "lists" in objective.requires and batch is not None and "cand_input_ids" in batch
+    """A listwise objective given a ``cand_*`` batch, padded or packed (pairwise batches keep the
+    pair path)."""
+    return ("lists" in objective.requires and batch is not None
+            and ("cand_input_ids" in batch or "cand_target_index" in batch))
 
 
 def _list_logps(logits_fn, params, batch):
+    if is_packed(batch):
+        return packed_sequence_logps(logits_fn, params, batch, ("cand",))["cand"][:2]
     ids = batch["cand_input_ids"]
     B, K, T = ids.shape
     flat = [batch[f"cand_{f}"].reshape(B * K, T) for f in ("input_ids", "attention_mask", "loss_mask")]

@@ -20,6 +20,7 @@ from flax import nnx
 
 from alignshift.config import ExperimentConfig, MethodConfig, ModelConfig
 from alignshift.data import BatchIterator, LengthBucketIterator, WordTokenizer, encode_completions
+from alignshift.data.packing import PackedBatchIterator, batch_groups, packed_row_len
 from alignshift.losses import Objective, make_objective
 from alignshift.losses.penalties import PenaltyGradient
 from alignshift.models.layers import DTYPES
@@ -38,6 +39,7 @@ __all__ = [
     "run_sft",
     "precompute_reference_logps",
     "run_preference",
+    "pack_kwargs",
     "preference_iterator",
 ]
 
@@ -151,13 +153,39 @@ def response_window(cfg) -> int:
     return cfg.data.max_completion_len if cfg.train.logits_on_responses else 0
 
 
-def preference_iterator(arrays: dict, batch_size: int, *, seed: int, length_bucket: int = 0) -> BatchIterator:
+def pack_kwargs(cfg: ExperimentConfig, arrays: dict, *, micro_batches: int | None = None) -> dict | None:
+    """:func:`alignshift.data.packing.pack_batch`'s settings for ``train.packing`` /
+    ``train.share_prompt`` (None when both are off): rows of the arrays' width ``T`` (packing), or
+    ``T + (n - 1) · data.max_completion_len`` with a shared prompt (one whole group of ``n``
+    responses per row at most), ``data.max_completion_len`` response slots per sequence,
+    ``micro_batches`` = ``train.grad_accum_steps`` by default, and the automatic row count
+    (:func:`alignshift.data.packing.row_counts`: at most 8 batch shapes per run)."""
+    t = cfg.train
+    if not (t.packing or t.share_prompt):
+        return None
+    groups = batch_groups(arrays)
+    width = arrays[f"{groups[0]}_input_ids"].shape[-1]
+    n = arrays["cand_input_ids"].shape[1] if groups == ("cand",) else len(groups)
+    C = cfg.data.max_completion_len
+    row_len = packed_row_len(width - C, C, n_responses=n, share_prompt=t.share_prompt)
+    return {"row_len": row_len, "target_len": C, "share_prompt": bool(t.share_prompt), "packing": bool(t.packing),
+            "micro_batches": int(t.grad_accum_steps if micro_batches is None else micro_batches)}
+
+
+def preference_iterator(arrays: dict, batch_size: int, *, seed: int, length_bucket: int = 0,
+                        pack: dict | None = None) -> BatchIterator:
     """The preference phase's training iterator: a plain :class:`BatchIterator`, or with
     ``length_bucket > 0`` (``train.length_bucket``) a :class:`LengthBucketIterator` that batches
-    similar lengths and trims each batch's padding to a multiple of ``length_bucket`` tokens.
-    Both orders are pure functions of ``(seed, step)``, so checkpoint resume is exact. Only the
-    sequence axis shrinks (the batch axis is unchanged, so data-parallel splits still hold);
-    each distinct width is one more compilation of the step."""
+    similar lengths and trims each batch's padding to a multiple of ``length_bucket`` tokens, or
+    with ``pack`` (:func:`pack_kwargs`) a :class:`~alignshift.data.packing.PackedBatchIterator`
+    whose batches come out packed on the host. All orders are pure functions of ``(seed, step)``,
+    so checkpoint resume is exact. Only the sequence axis shrinks (the batch axis is unchanged, so
+    data-parallel splits still hold); each distinct width is one more compilation of the step."""
+    if pack is not None:
+        if length_bucket > 0:
+            raise ValueError("train.length_bucket and train.packing/share_prompt do not combine: packing already "
+                             "removes the padding (set train.length_bucket=0)")
+        return PackedBatchIterator(arrays, batch_size, seed=seed, pack_kwargs=pack)
     if length_bucket <= 0:
         return BatchIterator(arrays, batch_size, seed=seed)
     listwise = sorted(k for k, v in arrays.items() if k.startswith("cand_") or np.ndim(v) > 2)
@@ -208,15 +236,22 @@ def run_preference(
     else:
         keep = [k for k in keep if not k.startswith("reference_")]
         step_args = (ref_params,)
-    it = preference_iterator({k: train_arrays[k] for k in keep}, cfg.train.batch_size, seed=seed,
-                             length_bucket=cfg.train.length_bucket)
+    train_arrays = {k: train_arrays[k] for k in keep}
+    pack = pack_kwargs(cfg, train_arrays)
+    if pack is not None and objective.penalty is not None:
+        raise ValueError(f"method {method.name!r}: penalty {objective.penalty!r} runs through the input embeddings "
+                         "of padded sequences and does not support train.packing/share_prompt")
+    it = preference_iterator(train_arrays, cfg.train.batch_size, seed=seed,
+                             length_bucket=cfg.train.length_bucket, pack=pack)
     val_it = None
     if "val_batch" in objective.requires:
         if val_arrays is None:
             raise ValueError(f"method {method.name!r}: weighting {method.weighting!r} needs validation arrays")
         n_val = val_arrays["chosen_input_ids"].shape[0]
-        val_it = BatchIterator({k: val_arrays[k] for k in keep if k in val_arrays},
-                               min(cfg.train.val_batch_size, n_val), seed=seed + 7919)
+        val_keep = {k: val_arrays[k] for k in keep if k in val_arrays}
+        # the validation batch goes through the step whole (never split into micro-batches)
+        val_it = preference_iterator(val_keep, min(cfg.train.val_batch_size, n_val), seed=seed + 7919,
+                                     pack=None if pack is None else pack_kwargs(cfg, val_keep, micro_batches=1))
     # Start from a copy (of the reference by default): the step donates its state buffers.
     params0 = jax.tree_util.tree_map(jnp.copy, ref_params if init_params is None else init_params)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
