@@ -17,6 +17,8 @@ close to but not the same as a GPU's; run it on a GPU for device figures.
     python benchmarks/memory_modes.py          # ~1.1B Llama shape (TinyLlama-like), fp32 master weights
     python benchmarks/memory_modes.py --hidden 256 --layers 4 --heads 4 --intermediate 688 \\
         --vocab 8000 --seq-len 256 --batch 8   # the small CPU config
+    python benchmarks/memory_modes.py --modes precomputed --batch 32 --grad-accum 1,2,4,8 \\
+        [--weighting kl_dro]                   # peak memory vs the micro-batch count (accumulation)
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names (DoRA: q,v)")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--grad-accum", default="1",
+                   help="comma-separated micro-batch counts k (train.grad_accum_steps): one row per mode and k, "
+                        "--batch pairs split into k micro-batches")
+    p.add_argument("--weighting", default="uniform",
+                   help="weighting rule (e.g. kl_dro: batch-coupled, so k > 1 adds a forward-only pass)")
     return p.parse_args(argv)
 
 
@@ -82,7 +89,7 @@ def _nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def measure(mode: str, a) -> dict:
+def measure(mode: str, a, k: int = 1) -> dict:
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                       max_position_embeddings=max(2048, a.seq_len), remat=a.remat)
@@ -97,7 +104,7 @@ def measure(mode: str, a) -> dict:
 
     model = nnx.eval_shape(build)
     tx = make_optimizer(OptimConfig(lr=1e-5), 100)
-    objective = make_objective("dpo")
+    objective = make_objective("dpo", a.weighting)
     if mode == "lora":
         graphdef, params, rest = split_lora(model)
         ref = jax.eval_shape(reference_params, params)
@@ -108,7 +115,7 @@ def measure(mode: str, a) -> dict:
         ref = _abstract(params) if mode == "full+ref" else None
         extra = (ref,)
         frozen = None
-    step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=a.logits_chunk)
+    step = make_preference_step(graphdef, rest, tx, objective, logits_chunk=a.logits_chunk, grad_accum_steps=k)
     state = jax.eval_shape(lambda p: init_state(p, tx), _abstract(params))
     batch = _batch(a.batch, a.seq_len, with_ref=mode == "precomputed")
     t0 = time.perf_counter()
@@ -119,6 +126,7 @@ def measure(mode: str, a) -> dict:
     alias = ma.alias_size_in_bytes
     return {
         "mode": mode,
+        "k": k,
         "trainable": _nbytes(params) // jnp.dtype(pdt).itemsize,
         "weights_bytes": _nbytes(params) + (_nbytes(frozen) if frozen is not None else 0),
         "state_bytes": _nbytes(state),
@@ -134,14 +142,15 @@ def main(argv=None) -> None:
     gib = 2.0 ** 30
     print(f"backend {jax.default_backend()}: Llama hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads} "
           f"ffn={a.intermediate} vocab={a.vocab}; batch {a.batch} pairs x seq {a.seq_len}; compute {a.dtype}, "
-          f"params {a.param_dtype}, remat={a.remat}, logits_chunk={a.logits_chunk}; LoRA r={a.lora_rank} on {a.lora_targets}")
-    rows = [measure(m, a) for m in a.modes.split(",")]
-    hdr = f"{'mode':<12} {'trainable':>13} {'args GiB':>9} {'out GiB':>8} {'temp GiB':>9} {'alias GiB':>9} " \
+          f"params {a.param_dtype}, remat={a.remat}, logits_chunk={a.logits_chunk}; LoRA r={a.lora_rank} on {a.lora_targets}; "
+          f"weighting {a.weighting}")
+    rows = [measure(m, a, int(k)) for m in a.modes.split(",") for k in a.grad_accum.split(",")]
+    hdr = f"{'mode':<12} {'k':>3} {'trainable':>13} {'args GiB':>9} {'out GiB':>8} {'temp GiB':>9} {'alias GiB':>9} " \
           f"{'peak GiB':>9} {'vs full+ref':>11} {'compile s':>9}"
     print(hdr)
     base = next((r["peak"] for r in rows if r["mode"] == "full+ref"), rows[0]["peak"])
     for r in rows:
-        print(f"{r['mode']:<12} {r['trainable']:>13,} {r['argument'] / gib:9.2f} {r['output'] / gib:8.2f} "
+        print(f"{r['mode']:<12} {r['k']:>3} {r['trainable']:>13,} {r['argument'] / gib:9.2f} {r['output'] / gib:8.2f} "
               f"{r['temp'] / gib:9.2f} {r['alias'] / gib:9.2f} {r['peak'] / gib:9.2f} {r['peak'] / base:11.2f} "
               f"{r['compile_s']:9.1f}")
 
