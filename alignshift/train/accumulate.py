@@ -27,12 +27,14 @@ How the micro-batches combine depends on the objective and ``weighting_scope``:
   ``∇θ objective`` by the chain rule. Cost: one extra forward of the policy per step.
 * ``weighting_scope="micro_batch"``: each micro-batch is its own batch — its own weights,
   reference point and penalty — and the ``k`` gradients, losses and metrics are averaged. This
-  is what the authors' code does when it accumulates: Dr.DPO's (``dr_dpo``) reduces over
-  micro-batches of 4 under gradient accumulation; KLDPO's and WDPO's released trainers
-  (``src/kldpo.py``, ``src/wdpo.py``) compute their weights and penalty on the per-device
-  batch that ``.backward()`` sees, i.e. per micro-batch. Rules that read the step (IW-DPO's
-  warm-up, counted as ``step·n``) see ``step·k + m`` for micro-batch ``m``, so they count
-  examples as if each micro-batch were a step.
+  is what the authors' code does when it accumulates (see ``docs/scale.md``): Dr.DPO's
+  reduces over micro-batches of 4; KLDPO's (``src/kldpo.py``) centres and tilts the losses of
+  the global micro-batch of the step (all data-parallel ranks, not the accumulated batch);
+  DoRA's released script runs one prompt per device, so its log-mean-exp reduces to pure
+  reweighting (``grad_accum_steps = batch_size`` in this scope reproduces that). WDPO's
+  ``squared_mean`` penalty is a mean over pairs, so the scope does not change it. Rules that
+  read the step (IW-DPO's warm-up, counted as ``step·n``) see ``step·k + m`` for micro-batch
+  ``m``, so they count examples as if each micro-batch were a step.
 
 The reference log-probs (when the reference runs in the step) are computed micro-batch by
 micro-batch too, in a forward-only pass before the policy passes. A validation batch (IW-DPO's
