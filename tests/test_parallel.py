@@ -519,6 +519,12 @@ def test_distributed_env_detection():
     assert multi_process_env({"OMPI_COMM_WORLD_SIZE": "2"}) == "ompi"
     assert multi_process_env({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
     assert multi_process_env({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    # explicit switch: JAX's own cluster detection (Cloud TPU pods), or forced off
+    assert multi_process_env({"ALIGNSHIFT_DISTRIBUTED": "1"}) == "auto"
+    assert multi_process_env({"ALIGNSHIFT_DISTRIBUTED": "0", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) is None
+    assert multi_process_env({"ALIGNSHIFT_DISTRIBUTED": "1", "OMPI_COMM_WORLD_SIZE": "2"}) == "ompi"
+    with pytest.raises(ValueError, match="ALIGNSHIFT_DISTRIBUTED must be 1 or 0"):
+        multi_process_env({"ALIGNSHIFT_DISTRIBUTED": "maybe"})
     # single process: a no-op, repeatable
     assert maybe_initialize_distributed({}) is False
     assert maybe_initialize_distributed({}) is False

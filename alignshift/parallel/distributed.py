@@ -32,8 +32,17 @@ def multi_process_env(env: Mapping[str, str] | None = None) -> str | None:
     * ``"ompi"``: Open MPI's ``OMPI_COMM_WORLD_SIZE`` > 1.
     * ``"tpu"``: a multi-host TPU slice (``TPU_WORKER_HOSTNAMES`` listing more than one host,
       or ``MEGASCALE_COORDINATOR_ADDRESS`` set).
+    * ``"auto"``: ``ALIGNSHIFT_DISTRIBUTED=1`` forces a multi-process start with JAX's own
+      cluster auto-detection, for launchers whose set-up is not in the environment (a Cloud TPU
+      VM pod, whose worker list lives in the VM metadata). ``ALIGNSHIFT_DISTRIBUTED=0`` forces a
+      single process whatever the environment says.
     """
     env = os.environ if env is None else env
+    forced = env.get("ALIGNSHIFT_DISTRIBUTED", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return None
+    if forced and forced not in ("1", "true", "yes", "on"):
+        raise ValueError(f"ALIGNSHIFT_DISTRIBUTED must be 1 or 0 (or true/false); got {forced!r}")
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_PROCESS_ID") or (_int(env, "JAX_NUM_PROCESSES") or 1) > 1:
         return "jax"
     if env.get("SLURM_JOB_ID") and ((_int(env, "SLURM_NTASKS") or _int(env, "SLURM_NPROCS") or 1) > 1):
@@ -43,7 +52,7 @@ def multi_process_env(env: Mapping[str, str] | None = None) -> str | None:
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "tpu"
-    return None
+    return "auto" if forced else None
 
 
 def maybe_initialize_distributed(env: Mapping[str, str] | None = None, **kwargs) -> bool:
