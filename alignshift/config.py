@@ -28,6 +28,7 @@ __all__ = [
     "MethodConfig",
     "EvalConfig",
     "MeshConfig",
+    "TuningConfig",
     "ExperimentConfig",
     "from_dict",
     "to_dict",
@@ -243,6 +244,36 @@ class MeshConfig:
     device_memory_gb: float = 0.0
 
 
+TUNING_STRATEGIES = ("random", "grid")
+TUNING_METRICS = ("pref_acc",)
+TUNING_TRAIN_KEYS = ("train.optim.lr", "train.steps", "train.optim.warmup_steps", "train.optim.weight_decay")
+
+
+@dataclasses.dataclass
+class TuningConfig:
+    """Equal tuning budgets (alignshift/experiment/tuning.py): with ``enabled``, every method is
+    trained on ``budget`` configurations and the one with the best ``metric`` on a held-out
+    share (``val_fraction``) of the TRAINING pairs is reported on the test set.
+
+    ``grid`` (shared by every method: ``{"train.optim.lr": [...], "base_kwargs.beta": [...]}``)
+    and ``method_grid`` (a method's own knobs on top: ``{name: {"weighting_kwargs.tau": [...]}}``)
+    give each method's candidate grid (their product); a shared key a method's loss does not take
+    (β of RRHF) is left out for it. ``strategy`` ``random``: ``budget`` distinct configurations
+    drawn (seeded) from that product, ``grid``: the product itself, whose size must be
+    ``budget``. ``baseline``: the method every other is compared with, paired over seeds
+    (summary ``paired_vs_dpo``; "" = ``dpo``, ``dpo_train``, or the first plain DPO row)."""
+
+    enabled: bool = False
+    budget: int = 0
+    strategy: str = "random"
+    seed: int = 0
+    metric: str = "pref_acc"
+    val_fraction: float = 0.2
+    grid: dict = dataclasses.field(default_factory=dict)
+    method_grid: dict = dataclasses.field(default_factory=dict)
+    baseline: str = ""
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     scenario: str = "shift_demo"
@@ -255,6 +286,7 @@ class ExperimentConfig:
     methods: list[MethodConfig] = dataclasses.field(default_factory=lambda: [MethodConfig()])
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    tuning: TuningConfig = dataclasses.field(default_factory=TuningConfig)
     # Overrides applied by ``--quick`` (dotted keys), for a ~1 minute CPU run used by tests.
     quick: dict = dataclasses.field(default_factory=dict)
 
@@ -500,6 +532,120 @@ def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozense
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16; got {cfg.model.dtype!r}")
     _validate_reliability(cfg, explicit, BASE_LOSSES, WEIGHTING_RULES)
+    _validate_tuning(cfg)
+
+
+def tuning_grid(cfg: ExperimentConfig, m: MethodConfig) -> dict[str, list]:
+    """Method ``m``'s candidate grid ``{dotted key: values}``: ``tuning.grid``'s keys that apply
+    to it (a ``base_kwargs``/``weighting_kwargs``/``penalty_kwargs`` key its loss, rule or penalty
+    takes; every ``train.*`` key), then ``tuning.method_grid[m.name]``'s (which override)."""
+    from alignshift.losses.objective import hparam_specs
+
+    def applies(key: str) -> bool:
+        group, _, name = key.partition(".")
+        kind = {"base_kwargs": ("base", m.base), "weighting_kwargs": ("weighting", m.weighting),
+                "penalty_kwargs": ("penalty", m.penalty)}.get(group)
+        if kind is None:
+            return True
+        return kind[1] is not None and name in hparam_specs(*kind)
+
+    out = {k: list(v) for k, v in flat_grid(cfg.tuning.grid).items() if applies(k)}
+    out.update({k: list(v) for k, v in flat_grid(cfg.tuning.method_grid.get(m.name) or {}).items()})
+    return out
+
+
+def flat_grid(grid: dict, prefix: str = "") -> dict:
+    """A tuning grid with nested mappings flattened to dotted keys (a CLI override
+    ``tuning.grid.train.optim.lr=[...]`` arrives nested)."""
+    out = {}
+    for k, v in grid.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_grid(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _validate_tuning(cfg: ExperimentConfig) -> None:
+    """The ``tuning`` section: names, grid keys and values (each value checked like the
+    hyper-parameter or setting it replaces), and that every method can fill the budget."""
+    import math
+
+    from alignshift.losses.hparams import HParamError
+    from alignshift.losses.objective import check_hparams
+
+    t = cfg.tuning
+    if t.strategy not in TUNING_STRATEGIES:
+        raise ConfigError(f"config key 'tuning.strategy' must be one of {TUNING_STRATEGIES}; got {t.strategy!r}")
+    if t.metric not in TUNING_METRICS:
+        raise ConfigError(f"config key 'tuning.metric' must be one of {TUNING_METRICS}; got {t.metric!r}")
+    if not (math.isfinite(t.val_fraction) and 0.0 < t.val_fraction < 1.0):
+        raise ConfigError(f"config key 'tuning.val_fraction' must be in (0, 1); got {t.val_fraction!r}")
+    if t.budget < 0 or (t.enabled and t.budget < 1):
+        raise ConfigError(f"config key 'tuning.budget' must be >= 1 when tuning.enabled; got {t.budget}")
+    names = [m.name for m in cfg.methods]
+    if t.baseline and t.baseline not in names:
+        raise ConfigError(f"config key 'tuning.baseline' is {t.baseline!r}, not one of the methods {names}")
+    unknown = sorted(set(t.method_grid) - set(names))
+    if unknown:
+        raise ConfigError(f"config key 'tuning.method_grid' names unknown method(s) {unknown}; the methods are {names}")
+    sections = [("tuning.grid", t.grid)] + [(f"tuning.method_grid.{n}", g) for n, g in t.method_grid.items()]
+    for where, grid in sections:
+        if not isinstance(grid, dict):
+            raise ConfigError(f"config key {where!r} must be a mapping of dotted keys to lists of values")
+        for key, values in flat_grid(grid).items():
+            k = f"{where}.{key}"
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"config key {k!r} must be a non-empty list of values; got {values!r}")
+            if len({repr(v) for v in values}) != len(values):
+                raise ConfigError(f"config key {k!r} lists a value twice: {values}")
+            group = key.partition(".")[0]
+            if key.startswith("train."):
+                if key not in TUNING_TRAIN_KEYS:
+                    raise ConfigError(f"config key {k!r}: tunable train settings are {list(TUNING_TRAIN_KEYS)}")
+                def number(v):  # as the typed field would take it ('1e-4' from YAML is a string)
+                    try:
+                        return None if isinstance(v, bool) else float(v)
+                    except (TypeError, ValueError):
+                        return None
+                bad = [v for v in values if number(v) is None or not math.isfinite(number(v)) or number(v) < 0
+                       or (key in ("train.optim.lr", "train.steps") and number(v) <= 0)]
+                if bad:
+                    raise ConfigError(f"config key {k!r} must list positive numbers; got {bad}")
+            elif group not in ("base_kwargs", "weighting_kwargs", "penalty_kwargs") or key.count(".") != 1:
+                raise ConfigError(f"config key {k!r}: a grid key is 'base_kwargs.<name>', 'weighting_kwargs.<name>', "
+                                  f"'penalty_kwargs.<name>' or one of {list(TUNING_TRAIN_KEYS)}")
+    for i, m in enumerate(cfg.methods):
+        grid = tuning_grid(cfg, m)
+        kinds = {"base_kwargs": ("base", m.base), "weighting_kwargs": ("weighting", m.weighting),
+                 "penalty_kwargs": ("penalty", m.penalty)}
+        for key, values in grid.items():
+            group, _, name = key.partition(".")
+            if group not in kinds:
+                continue
+            kind, rule = kinds[group]
+            own = flat_grid(t.method_grid.get(m.name) or {})
+            where = f"tuning.method_grid.{m.name}.{key}" if key in own else f"tuning.grid.{key}"
+            if rule is None:
+                raise ConfigError(f"config key {where!r}: method {m.name!r} has no penalty")
+            try:
+                check_hparams(kind, rule, {name: None}, values=False)
+                for v in values:
+                    check_hparams(kind, rule, {name: v}, names=False)
+            except HParamError as e:
+                raise ConfigError(f"config key {where!r} ({m.name}): {e.key!r} {e.problem}") from None
+            except ValueError as e:
+                raise ConfigError(f"config key {where!r} ({m.name}): {e}") from None
+        size = math.prod(len(v) for v in grid.values()) if grid else 1
+        if t.enabled and t.strategy == "grid" and size != t.budget:
+            raise ConfigError(f"config key 'tuning.budget' is {t.budget} but method {m.name!r} ('methods.{i}') has a "
+                              f"grid of {size} configurations ({ {k: len(v) for k, v in grid.items()} }); with "
+                              "tuning.strategy=grid every method's grid must have exactly the budget")
+        if t.enabled and size < t.budget:
+            raise ConfigError(f"config key 'tuning.budget' is {t.budget} but method {m.name!r} ('methods.{i}') has only "
+                              f"{size} configurations in its grid ({ {k: len(v) for k, v in grid.items()} }): add "
+                              f"values under 'tuning.method_grid.{m.name}' so every method gets the same budget")
 
 
 def report_to_list(value, *, check_installed: bool = False) -> list[str]:

@@ -3,7 +3,9 @@
 ``summary.json`` = ``{"scenario": str, "seed": int, "methods": {name: {metric: float}},
 "config": {...}}``. The multi-seed summary keeps that schema (``seed`` = first seed, each
 metric the mean over seeds) and adds ``<metric>_sem`` (standard error), ``n_seeds`` and
-``seeds``. Files are written atomically (temp file + rename).
+``seeds``; the experiment driver adds ``paired_vs_dpo`` (:func:`paired_differences`: each
+method minus the DPO baseline, paired by seed, with a 95% t-interval). Files are written
+atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 
 from alignshift.io import atomic_path, atomic_write
 
-__all__ = ["write_json_atomic", "save_figure_atomic", "aggregate_seeds", "format_table", "plot_training_curves", "read_jsonl"]
+__all__ = ["write_json_atomic", "save_figure_atomic", "aggregate_seeds", "format_table", "plot_training_curves",
+           "read_jsonl", "t_interval", "paired_differences", "format_paired_differences"]
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -49,6 +52,73 @@ def aggregate_seeds(summaries: list[dict]) -> dict:
         "n_seeds": len(summaries),
         "seeds": [s["seed"] for s in summaries],
     }
+
+
+def t_interval(d, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """``(mean, low, high)`` of the mean of ``d`` (paired differences, one per seed): the
+    Student-t interval ``mean ± t_{(1+level)/2, n−1}·sd/√n``; ``low``/``high`` are None with fewer
+    than two values (no interval from one seed)."""
+    from scipy import stats
+
+    d = np.asarray(d, np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def paired_differences(summaries: list[dict], baseline: str, metrics, *, methods=None, level: float = 0.95) -> dict:
+    """Every method minus ``baseline``, paired by seed, per metric: ``{"baseline", "level",
+    "n_seeds", "seeds", "methods": {name: {metric: {"mean", "ci95": [low, high] | None, "sd",
+    "n", "n_positive"}}}}`` (per-seed ``summaries`` as ``run_seed`` writes them; ``methods``:
+    the rows to compare, default every row but the baseline). A metric missing or not finite
+    for a method or the baseline in any seed is left out for that method."""
+    if not summaries:
+        raise ValueError("no per-seed summaries to compare")
+    names = [n for n in (methods if methods is not None else summaries[0]["methods"]) if n != baseline]
+    out = {"baseline": baseline, "level": level, "n_seeds": len(summaries), "seeds": [s["seed"] for s in summaries],
+           "methods": {}}
+    for name in names:
+        row = {}
+        for k in metrics:
+            vals = []
+            for s in summaries:
+                a, b = s["methods"].get(name, {}).get(k), s["methods"].get(baseline, {}).get(k)
+                if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+                    break
+                if not (math.isfinite(a) and math.isfinite(b)):
+                    break
+                vals.append(float(a) - float(b))
+            else:
+                d = np.asarray(vals, np.float64)
+                mean, lo, hi = t_interval(d, level)
+                row[k] = {"mean": mean, "ci95": None if lo is None else [lo, hi],
+                          "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "n": int(len(d)),
+                          "n_positive": int((d > 0).sum())}
+        out["methods"][name] = row
+    return out
+
+
+def format_paired_differences(paired: dict, columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of :func:`paired_differences`: ``mean [low, high] (k/n > 0)`` per
+    (metric key, header), one row per method."""
+    pct = round(100 * paired.get("level", 0.95))
+    head = (f"| {'method − ' + paired['baseline']} (paired over {paired['n_seeds']} seeds, {pct}% t-interval) | "
+            + " | ".join(h for _, h in columns) + " |")
+    rows = [head, "|---|" + "---|" * len(columns)]
+    for name, r in paired["methods"].items():
+        cells = []
+        for k, _ in columns:
+            c = r.get(k)
+            if c is None:
+                cells.append("—")
+            elif c["ci95"] is None:
+                cells.append(f"{c['mean']:+.3f} ({c['n_positive']}/{c['n']} > 0)")
+            else:
+                cells.append(f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] ({c['n_positive']}/{c['n']} > 0)")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def format_table(summary: dict, columns: list[tuple[str, str]]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 from alignshift.config import ConfigError, ExperimentConfig
 from alignshift.data import encode_pairs, make_scenario
 from alignshift.data.encode import encode_lists
+from alignshift.experiment import tuning
 from alignshift.experiment.driver import Experiment, MethodRun, SeedContext
 from alignshift.experiment.evaluators import TargetEvaluator
 from alignshift.losses.dora import dora_calibration, pair_weight_columns
@@ -193,6 +194,13 @@ class DoraExperiment(Experiment):
             f"{diag['oracle_feature_classifier'][name]['auc']:.3f})" for name, r in diag["classifier"]["reports"].items())
             + "  mean h̃ by source: " + ", ".join(f"{s} {v:.2f}" for s, v in diag["mean_h_by_source"].items()),
             flush=True)
+
+    def tuning_split(self, ctx: SeedContext) -> dict:
+        """The selection split out of the training lists: their pairs (scored) and lists
+        (index-aligned) lose the same rows, and so do the pairs' candidate columns."""
+        info = tuning.split_for_tuning(ctx, ("pairs", "lists"), select_from="pairs")
+        ctx.extra["pair_cols"] = ctx.extra["pair_cols"][ctx.extra["train_keep"]]
+        return info
 
     def method_run(self, ctx: SeedContext, m0) -> MethodRun:
         m = m0

@@ -39,10 +39,19 @@ from flax import nnx
 
 from alignshift import __version__
 from alignshift.cli import exit_on, experiment_parser, parse_experiment_args, prepare_out_dir
-from alignshift.config import ExperimentConfig, MethodConfig, to_dict
+from alignshift.config import ConfigError, ExperimentConfig, MethodConfig, to_dict
 from alignshift.data import encode_pairs, make_scenario
 from alignshift.data.cleaning import clean_splits
-from alignshift.eval.report import aggregate_seeds, format_table, plot_training_curves, read_jsonl, write_json_atomic
+from alignshift.eval.report import (
+    aggregate_seeds,
+    format_paired_differences,
+    format_table,
+    paired_differences,
+    plot_training_curves,
+    read_jsonl,
+    write_json_atomic,
+)
+from alignshift.experiment import tuning
 from alignshift.experiment.evaluators import DeployEvaluator
 from alignshift.forward import make_logits_fn, split_model
 from alignshift.train import phases, tracking
@@ -50,7 +59,8 @@ from alignshift.train.metrics import JsonlWriter
 from alignshift.train.ref_cache import ReferenceLogpCache
 
 __all__ = ["SeedContext", "MethodRun", "Experiment", "prepare_seed", "train_method", "run_seed", "run_experiment",
-           "experiment_script", "sft_reference", "add_reference_logps", "concat_train_val", "batch_size_for", "finished_seeds"]
+           "experiment_script", "sft_reference", "add_reference_logps", "concat_train_val", "batch_size_for", "finished_seeds",
+           "dpo_baseline"]
 
 
 @dataclasses.dataclass
@@ -161,6 +171,8 @@ class Experiment:
     #: check the scenario's rows (:func:`~alignshift.data.cleaning.clean_splits`); False for
     #: generated data with no rows to check (DoRA's lists, FLR's conversations)
     check_rows = True
+    #: ``tuning.enabled`` works here (:mod:`alignshift.experiment.tuning`; :meth:`tuning_split`)
+    supports_tuning = True
 
     def __init__(self, evaluator=None, title: str = ""):
         self.evaluator = evaluator or DeployEvaluator()
@@ -170,6 +182,11 @@ class Experiment:
 
     def start(self, cfg: ExperimentConfig) -> None:
         """Before the output directory is prepared (checks, distributed initialisation, mesh)."""
+
+    def tuning_split(self, ctx: SeedContext) -> dict:
+        """With ``tuning.enabled``: hold the selection split out of the training pairs
+        (:func:`alignshift.experiment.tuning.split_for_tuning`); returns its description."""
+        return tuning.split_for_tuning(ctx, ("train",))
 
     def banner(self, cfg: ExperimentConfig) -> str:
         fields = "".join(f"{k}={v} " for k, v in self.banner_fields(cfg).items())
@@ -251,7 +268,10 @@ class Experiment:
                 raise ValueError(f"method {m.name!r}: true_density_ratio weights need train_data='train' "
                                  "and a scenario that reports its density ratio")
             ratio = ctx.data.info["true_density_ratio"]
-            weight = np.asarray([ratio[ex.meta["category"]] for ex in ctx.data.train], np.float32)
+            examples = ctx.data.train
+            if "train_keep" in ctx.extra:  # the pairs left after the tuning selection split
+                examples = [examples[i] for i in ctx.extra["train_keep"]]
+            weight = np.asarray([ratio[ex.meta["category"]] for ex in examples], np.float32)
             arrays = {**arrays, "weight": weight}
         return MethodRun(m.name, m, arrays, batch_size_for(ctx.cfg, arrays["chosen_input_ids"].shape[0]))
 
@@ -263,15 +283,34 @@ class Experiment:
     # ------------------------------------------------------------------ the aggregate
 
     def aggregate(self, cfg: ExperimentConfig, summaries: list[dict]) -> dict:
-        """The aggregate ``summary.json`` (mean ± s.e. over seeds, plus an experiment's keys)."""
-        return aggregate_seeds(summaries)
+        """The aggregate ``summary.json`` (mean ± s.e. over seeds, plus an experiment's keys):
+        with a DPO baseline among the methods (:func:`dpo_baseline`), ``paired_vs_dpo`` (every
+        method minus it, paired by seed, 95% t-intervals, on the evaluator's columns); with
+        ``tuning.enabled``, ``tuning`` (each method's selections by seed)."""
+        summary = aggregate_seeds(summaries)
+        base = dpo_baseline(cfg, summaries[0]["methods"])
+        if base is not None:
+            metrics = [k for k, _ in self.evaluator.columns if k != "train_time_s"]
+            names = [m.name for m in cfg.methods if m.name in summaries[0]["methods"]]
+            summary["paired_vs_dpo"] = paired_differences(summaries, base, metrics, methods=names)
+        if cfg.tuning.enabled and all("tuning" in s for s in summaries):
+            summary["tuning"] = tuning.aggregate_tuning(cfg, summaries)
+        return summary
 
     def results_title(self, cfg: ExperimentConfig, summary: dict) -> str:
         return (f"## ShiftBench `{cfg.data.scenario}` — {self.title or cfg.scenario} — test set, "
                 f"{summary['n_seeds']} seed(s), mean ± s.e.")
 
     def results_md(self, cfg: ExperimentConfig, summary: dict) -> str:
-        return self.results_title(cfg, summary) + "\n\n" + format_table(summary, self.evaluator.columns)
+        text = self.results_title(cfg, summary) + "\n\n" + format_table(summary, self.evaluator.columns)
+        paired = summary.get("paired_vs_dpo")
+        if paired and summary.get("n_seeds", 1) > 1 and paired["methods"]:
+            cols = [(k, h) for k, h in self.evaluator.columns if k != "train_time_s"]
+            text += ("\n\n### Paired differences vs " + paired["baseline"] + "\n\n"
+                     + format_paired_differences(paired, cols))
+        if "tuning" in summary:
+            text += "\n\n" + format_tuning(summary["tuning"])
+        return text
 
     def report(self, cfg: ExperimentConfig, summary: dict, out: str) -> None:
         """``results.md``, ``training_curves.png`` (when the evaluator has ``panels``), printed."""
@@ -280,11 +319,60 @@ class Experiment:
             f.write(text + "\n")
         files = ["summary.json", "results.md", "metrics.jsonl"]
         if self.evaluator.panels:
-            plot_training_curves(read_jsonl(os.path.join(out, "metrics.jsonl")),
-                                 os.path.join(out, "training_curves.png"), panels=self.evaluator.panels)
+            records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+            if "tuning" in summary:
+                records = selected_candidate_records(records, summary["tuning"])
+            plot_training_curves(records, os.path.join(out, "training_curves.png"), panels=self.evaluator.panels)
             files.append("training_curves.png")
         print("\n" + text)
         print(f"\nwrote {out}/{', '.join(files)} in {summary['wall_time_s']:.0f}s", flush=True)
+
+
+def dpo_baseline(cfg: ExperimentConfig, rows) -> str | None:
+    """The method every other is compared with: ``tuning.baseline`` when set, else a method
+    named ``dpo`` or ``dpo_train``, else the first plain DPO row (base ``dpo``, uniform weights,
+    no penalty or label smoothing, on ``train``); None when there is none among ``rows``."""
+    names = [m.name for m in cfg.methods if m.name in rows]
+    if cfg.tuning.baseline:
+        return cfg.tuning.baseline if cfg.tuning.baseline in names else None
+    for name in ("dpo", "dpo_train"):
+        if name in names:
+            return name
+    for m in cfg.methods:
+        if (m.name in names and m.base == "dpo" and m.weighting == "uniform" and m.penalty is None
+                and m.train_data == "train" and not m.example_weights and not m.base_kwargs.get("label_smoothing")):
+            return m.name
+    return None
+
+
+def format_tuning(t: dict) -> str:
+    """Markdown: each tuned method's selected configuration per seed and its selection score."""
+    seeds = list(next(iter(t["methods"].values()))["selected_by_seed"]) if t["methods"] else []
+    lines = [f"### Tuning: {t['budget']} configurations per method ({t['strategy']}), selected by {t['metric']} on "
+             f"{round(100 * t['val_fraction'])}% of the training pairs held out",
+             "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean selection score |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for name, r in t["methods"].items():
+        cells = [f"{tuning.candidate_label(r['selected_by_seed'][s]['values'])} ({r['selected_by_seed'][s]['score']:.3f})"
+                 for s in seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['mean_score']:.3f} |")
+    return "\n".join(lines)
+
+
+def selected_candidate_records(records: list[dict], t: dict) -> list[dict]:
+    """The ``metrics.jsonl`` records for the training-curve plot of a tuned run: each method's
+    SELECTED configuration (phase ``tuning``, its ``candidate`` index) relabelled as phase
+    ``preference``; the other configurations are left out."""
+    chosen = {(int(seed), name): r["index"] for name, m in t["methods"].items()
+              for seed, r in m["selected_by_seed"].items()}
+    out = []
+    for r in records:
+        if r.get("phase") == "tuning":
+            if chosen.get((r.get("seed"), r.get("method"))) == r.get("candidate"):
+                out.append({**r, "phase": "preference"})
+        else:
+            out.append(r)
+    return out
 
 
 def prepare_seed(cfg: ExperimentConfig, seed: int, out: str, writer: JsonlWriter,
@@ -301,11 +389,14 @@ def prepare_seed(cfg: ExperimentConfig, seed: int, out: str, writer: JsonlWriter
     return ctx
 
 
-def train_method(ctx: SeedContext, run: MethodRun, eval_fn=None):
-    """Train ``run`` from the reference (logged as phase ``preference``, method ``run.name``);
-    returns (params, seconds). Rules that need a validation batch draw it from ``ctx.sets["val"]``."""
-    writer = JsonlWriter(ctx.writer.path, static={**ctx.writer.static, "seed": ctx.seed, "phase": "preference",
-                                                  "method": run.name})
+def train_method(ctx: SeedContext, run: MethodRun, eval_fn=None, *, candidate: int | None = None):
+    """Train ``run`` from the reference (logged as phase ``preference``, method ``run.name``;
+    a tuning ``candidate`` as phase ``tuning`` with its index); returns (params, seconds).
+    Rules that need a validation batch draw it from ``ctx.sets["val"]``."""
+    static = {**ctx.writer.static, "seed": ctx.seed, "phase": "preference", "method": run.name}
+    if candidate is not None:
+        static.update(phase="tuning", candidate=candidate)
+    writer = JsonlWriter(ctx.writer.path, static=static)
     t1 = time.perf_counter()
     ckpt = os.path.join(ctx.seed_dir, "checkpoints", run.name) if run.checkpoint else None
     params, _ = phases.run_preference(ctx.graphdef, ctx.rest, ctx.ref_params, run.arrays, run.method, run.cfg,
@@ -324,10 +415,21 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: str, writer: JsonlWriter, ex
     ref = ev.setup(ctx)
     if ref is not None:
         methods[ev.reference_name] = ref
+    tuned = cfg.tuning.enabled
+    if tuned:  # equal budgets: the selection split out of D_tr first (alignshift/experiment/tuning.py)
+        ctx.summary["tuning"] = {"metric": cfg.tuning.metric, "split": experiment.tuning_split(ctx), "methods": {}}
     for run in experiment.method_runs(ctx):
-        objective = phases.objective_for(run.method)
-        params, train_s = train_method(ctx, run, eval_fn=ev.during_training(ctx, objective))
-        methods[run.name] = {**ev.evaluate(ctx, objective, params), **run.row, "train_time_s": train_s}
+        extra = {}
+        if tuned:
+            res = tuning.tune_method(ctx, run, train_method)
+            run, params, train_s = res.run, res.params, res.train_s
+            ctx.summary["tuning"]["methods"][run.name] = res.record
+            extra = {f"select_{cfg.tuning.metric}": res.score, "tuning_time_s": res.total_s}
+            objective = phases.objective_for(run.method)
+        else:
+            objective = phases.objective_for(run.method)
+            params, train_s = train_method(ctx, run, eval_fn=ev.during_training(ctx, objective))
+        methods[run.name] = {**ev.evaluate(ctx, objective, params), **run.row, "train_time_s": train_s, **extra}
         print(f"  seed {seed} {run.name:>{ev.name_width}s}: {ev.line(methods[run.name])}  ({train_s:.1f}s)",
               flush=True)
     summary = experiment.seed_summary(ctx, methods, time.perf_counter() - ctx.started)
@@ -390,6 +492,9 @@ def run_experiment(cfg: ExperimentConfig, out: str, experiment: Experiment | Non
                    resume: bool = False) -> dict:
     """All seeds, then the aggregate files; returns the aggregated summary."""
     exp = experiment or Experiment()
+    if cfg.tuning.enabled and not exp.supports_tuning:
+        raise ConfigError(f"config key 'tuning.enabled' is true, but {type(exp).__name__} does not support tuning "
+                          "(the ShiftBench experiments do: shift_demo.py, iw_dpo.py, robust_dpo.py, dora.py)")
     exp.start(cfg)
     prepare_out_dir(out, cfg, resume=resume)
     t0 = time.perf_counter()

@@ -98,6 +98,7 @@ class FLRExperiment(Experiment):
     resume_seeds = True  # no checkpoints: --resume reuses finished seeds
     seed_keys = ("reward_models",)
     check_rows = False  # generated conversations
+    supports_tuning = False  # tuning.enabled: the ShiftBench experiments only (alignshift/experiment/tuning.py)
 
     def __init__(self):
         super().__init__(QualityEvaluator(), title="FLR")

@@ -223,6 +223,8 @@ def _meta_columns(examples, source_spec: dict | None = None, *, source: str = "t
 class PreferenceHFExperiment(Experiment):
     """A local HF model folder (``model.hf_path``) on a registered dataset (``data.dataset``)."""
 
+    supports_tuning = False  # tuning.enabled: the ShiftBench experiments only (alignshift/experiment/tuning.py)
+
     def __init__(self):
         super().__init__(HeldOutEvaluator())
         self.mesh = None
