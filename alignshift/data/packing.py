@@ -196,7 +196,11 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, row_len: int, target_len: int
     Raises:
       PackingError: a unit longer than ``row_len``, a sequence with more than ``target_len``
         response tokens, a batch needing more than ``rows`` rows, ``B`` not divisible by ``k``,
-        or a shared prompt that is not shared.
+        a sequence whose real tokens are not one contiguous run.
+
+    The shared prompt of an example is the longest common prefix of its sequences' real tokens,
+    cut at the first response (loss) token of any of them (0 tokens if they share none: then
+    each response is a branch of its own, still correct).
     """
     k, row_len = int(micro_batches), int(row_len)
     if k < 1 or row_len < 1:

@@ -459,6 +459,12 @@ def _attention_xla(q, k, v, mask, scale, dtype, causal, window, logit_cap):
             if window is not None:
                 allowed = allowed & (ki > qi - window)
             mask = allowed[None, None]
+    if KV == H:  # multi-head: 4-D einsums (XLA:CPU runs them faster than the grouped form with G = 1)
+        scores = jnp.einsum("bthd,bshd->bhts", q.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
+        scores = softcap(scores * scale, logit_cap)
+        probs = jax.nn.softmax(scores, axis=-1) if mask is None else masked_softmax(scores, mask)
+        out = jnp.einsum("bhts,bshd->bthd", probs.astype(dtype), v.astype(dtype))
+        return out.reshape(B, T, H * D)
     q = q.astype(dtype).reshape(B, T, KV, H // KV, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
     scores = softcap(scores * scale, logit_cap)
