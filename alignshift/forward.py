@@ -84,7 +84,11 @@ class LogitsFn:
     must cover every response (``data.max_completion_len`` does: the encoder truncates
     responses to it). A row whose loss mask reaches past its window gets a NaN log-prob, so
     the step is skipped and logged by the non-finite guard; the sum is never silently
-    truncated."""
+    truncated.
+
+    Packed batches (:meth:`packed_sequence_logps`) generalise the window: the packer lists, per
+    sequence, the positions whose logits are needed (``{g}_target_index``, ``data.max_completion_len``
+    slots), and the LM head runs on those only, with or without ``response_window``."""
 
     def __init__(self, graphdef, rest, logits_chunk: int = 0, response_window: int = 0):
         if int(response_window) < 0:
