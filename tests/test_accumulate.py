@@ -235,3 +235,11 @@ def test_lora_with_frozen_base_accumulates(tiny):
     ref = reference_params(lora)
     whole = _run(g, rest, lora, obj, data, ref=ref, frozen=rest)
     _close(_run(g, rest, lora, obj, data, k=4, ref=ref, frozen=rest), whole, what="lora dr_dpo")
+
+
+def test_wdpo_refuses_packed_batches():
+    from alignshift.train.penalty import penalty_terms
+
+    obj = make_objective("dpo", penalty="wdpo")
+    with pytest.raises(ValueError, match="not supported with packed or shared-prompt batches"):
+        penalty_terms(None, None, None, {"packed_input_ids": jnp.zeros((2, 4), jnp.int32)}, obj, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from alignshift.forward import is_list_batch, policy_inputs
+from alignshift.forward import is_list_batch, is_packed, policy_inputs
 from alignshift.losses import Objective
 from alignshift.losses.penalties import PenaltyGradient
 from alignshift.train.wdpo import add_penalty, wdpo_first_order_grads, wdpo_inputs_and_penalty
@@ -33,6 +33,10 @@ def _no_penalty(graphdef, rest, params, batch, objective, logits_fn):
 def _wdpo(graphdef, rest, params, batch, objective, logits_fn):
     if is_list_batch(objective, batch):
         raise ValueError(f"penalty {objective.penalty!r} is not supported with listwise batches")
+    if is_packed(batch):
+        raise ValueError(f"penalty {objective.penalty!r} is not supported with packed or shared-prompt batches "
+                         "(it takes per-pair gradients through each pair's own padded rows): set train.packing "
+                         "and train.share_prompt to false")
     # through the input embeddings: never chunked or windowed
     return wdpo_inputs_and_penalty(graphdef, rest, params, batch, objective)
 
