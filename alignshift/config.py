@@ -98,6 +98,10 @@ class DataConfig:
     skip_bad_rows: bool = False
     # rows longer than max_prompt_len / max_completion_len: truncate | error | skip
     truncation: str = "truncate"
+    # KTO's mismatched kl_* completions (its reference point): "trl" (the previous example's
+    # chosen and rejected responses, alternating, as TRL's batches mix them) or
+    # "previous_chosen" (the previous example's chosen response; this project's former default)
+    kl_pairing: str = "trl"
 
 
 @dataclasses.dataclass
@@ -708,6 +712,10 @@ def _validate_reliability(cfg: ExperimentConfig, explicit, BASE_LOSSES, WEIGHTIN
         raise ConfigError(f"config key 'train.weighting_scope' must be one of {WEIGHTING_SCOPES}; "
                           f"got {cfg.train.weighting_scope!r}")
     report_to_list(cfg.train.report_to, check_installed=True)
+    from alignshift.data.encode import KL_PAIRINGS
+
+    if cfg.data.kl_pairing not in KL_PAIRINGS:
+        raise ConfigError(f"config key 'data.kl_pairing' must be one of {KL_PAIRINGS}; got {cfg.data.kl_pairing!r}")
     if cfg.data.truncation not in TRUNCATION_POLICIES:
         raise ConfigError(f"config key 'data.truncation' must be one of {TRUNCATION_POLICIES}; "
                           f"got {cfg.data.truncation!r}")

@@ -56,8 +56,13 @@ def test_chat_layout_and_prompt_masking():
     assert full1 == ids("<bos> <start> user : hello <eot> <start> assistant : hi <eot> <start> user : hi <eot> "
                         "<start> assistant : hello there <eot>")
     assert _row(a, "rejected", 1)[1] == ids("bad <eot>")
-    # kl: prompt i with the chosen response of example i-1
-    assert _row(a, "kl", 1)[1] == ids("fine <eot>") and _row(a, "kl", 0)[1] == ids("hello there <eot>")
+    # kl (TRL's mix, the default): prompt i with example i-1's chosen (even i) or rejected (odd i) response
+    assert _row(a, "kl", 1)[1] == ids("bad <eot>") and _row(a, "kl", 0)[1] == ids("hello there <eot>")
+    assert _row(a, "kl", 1)[0][:len(_row(a, "chosen", 1)[0]) - 3] == _row(a, "chosen", 1)[0][:-3]  # its own prompt
+    old = encode_chat_pairs(tok, exs, max_prompt_len=24, max_completion_len=6, kl_pairing="previous_chosen")
+    assert _row(old, "kl", 1)[1] == ids("fine <eot>") and _row(old, "kl", 0)[1] == ids("hello there <eot>")
+    with pytest.raises(ValueError, match="unknown kl_pairing"):
+        encode_chat_pairs(tok, exs, max_prompt_len=24, max_completion_len=6, kl_pairing="next")
     # prompt_ids: left-padded prompt
     pid, pm = a["prompt_ids"][0], a["prompt_mask"][0]
     assert list(pid[pm == 1]) == prompt and pm[: 24 - len(prompt)].sum() == 0

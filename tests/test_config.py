@@ -65,3 +65,12 @@ def test_apply_overrides_does_not_mutate():
     d = {"a": {"b": 1}}
     out = apply_overrides(d, ["a.b=2", "a.c=[1, 2]"])
     assert d == {"a": {"b": 1}} and out == {"a": {"b": 2, "c": [1, 2]}}
+
+
+def test_kl_pairing_key():
+    from alignshift.config import ConfigError, load_config
+
+    assert load_config(None, []).data.kl_pairing == "trl"
+    assert load_config(None, ["data.kl_pairing=previous_chosen"]).data.kl_pairing == "previous_chosen"
+    with pytest.raises(ConfigError, match="data.kl_pairing"):
+        load_config(None, ["data.kl_pairing=next"])

@@ -14,7 +14,9 @@ and the sharded path take them unchanged:
   ``*_attention_mask`` 1 on real tokens; ``*_loss_mask`` 1 exactly on the response tokens
   (prompt tokens are never in the loss);
 * ``prompt_ids``/``prompt_mask`` ``[N, max_prompt_len]``, LEFT-padded, for sampling;
-* ``kl_*``: prompt ``i`` with the chosen response of example ``i-1`` (KTO's KL estimate).
+* ``kl_*``: prompt ``i`` with another example's response (KTO's KL estimate; ``kl_pairing``, as
+  :func:`alignshift.data.encode.kl_completion_sources`: by default TRL's mix of the previous
+  example's chosen and rejected responses).
 
 Tokenisation (``mode``):
 
@@ -38,7 +40,7 @@ counts are returned with ``return_info=True``. To refuse or drop over-long rows 
 (``data.truncation`` ``error`` | ``skip``), check them first with
 :func:`alignshift.data.schema.check_lengths` and ``lengths=chat_token_lengths(tokenizer, ...)``:
 the untruncated lengths exactly as this encoder measures them (``kl_*`` rows, another row's
-chosen response after this prompt, are still cut to fit).
+response after this prompt, are still cut to fit).
 
 Malformed input raises :class:`~alignshift.data.DataError` naming the row and the field.
 """
@@ -50,7 +52,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .encode import PAIR_KEYS
+from .encode import PAIR_KEYS, kl_completion_sources
 from .loader import BatchIterator
 from .schema import DataError, PreferenceExample, validate_example
 
@@ -158,8 +160,11 @@ def encode_chat_pairs(
     system_prompt: str | None = None,
     raw_separator: str = " ",
     return_info: bool = False,
+    kl_pairing: str = "trl",
 ):
     """Encode pairs with an HF tokenizer into :data:`PAIR_KEYS` arrays (module docstring).
+    ``kl_pairing`` chooses KTO's mismatched ``kl_*`` completions
+    (:func:`alignshift.data.encode.kl_completion_sources`: ``"trl"`` or ``"previous_chosen"``).
 
     With ``return_info`` returns ``(arrays, info)``; ``info`` counts truncated prompts and
     responses and gives the untruncated length percentiles (to choose the budgets).
@@ -169,6 +174,7 @@ def encode_chat_pairs(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     exs = [validate_example(e, i) for i, e in enumerate(examples)]
     n, t = len(exs), max_prompt_len + max_completion_len
+    kl_sources = kl_completion_sources(n, kl_pairing) if n else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     bos_id = tokenizer.bos_token_id
     out = {k: np.zeros((n, max_prompt_len if k.startswith("prompt_") else t), np.int32) for k in PAIR_KEYS}
@@ -188,9 +194,9 @@ def encode_chat_pairs(
         return tok_cache[key]
 
     for i, ex in enumerate(exs):
-        j = (i - 1) % n
+        j, field = kl_sources[i]
         for group, which, resp in (("chosen", "chosen", ex.chosen), ("rejected", "rejected", ex.rejected),
-                                   ("kl", "kl", exs[j].chosen)):
+                                   ("kl", "kl", getattr(exs[j], field))):
             p_ids, r_ids = tokens(i, which, resp)
             if group != "kl":
                 p_lens.append(len(p_ids))

@@ -74,7 +74,8 @@ def check_config(cfg: DoraExperimentConfig) -> None:
 def _encode(tok, data, enc) -> tuple[dict, dict]:
     pairs = encode_pairs(tok, data.train, **enc)
     lists = encode_lists(tok, [le.prompt for le in data.train_lists], [list(le.candidates) for le in data.train_lists],
-                         [list(le.scores) for le in data.train_lists], **enc)
+                         [list(le.scores) for le in data.train_lists],
+                         **{k: v for k, v in enc.items() if k != "kl_pairing"})
     return pairs, lists
 
 
@@ -135,7 +136,8 @@ class DoraExperiment(Experiment):
 
     def encode(self, ctx: SeedContext) -> None:
         cfg, tok = ctx.cfg, ctx.tokenizer
-        enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
+        enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len,
+                   kl_pairing=cfg.data.kl_pairing)
         pairs, lists = _encode(tok, ctx.data, enc)
         ctx.sets = {"pairs": pairs, "lists": lists, "test": encode_pairs(tok, ctx.data.test, **enc)}
         if any(m.train_data == "oracle" for m in cfg.methods):  # same size, all lists from the target source

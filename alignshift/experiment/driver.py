@@ -217,7 +217,8 @@ class Experiment:
     def encode(self, ctx: SeedContext) -> None:
         """The sets every configured method needs (plus the evaluator's ``extra_sets``)."""
         cfg, data, tok, seed = ctx.cfg, ctx.data, ctx.tokenizer, ctx.seed
-        enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
+        enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len,
+                   kl_pairing=cfg.data.kl_pairing)
         wanted = {m.train_data for m in cfg.methods}
         needs_val = any("val_batch" in phases.objective_for(m).requires for m in cfg.methods) or wanted & {"val", "train+val"}
         sets = {"train": encode_pairs(tok, data.train, **enc), "test": encode_pairs(tok, data.test, **enc)}

@@ -158,7 +158,8 @@ class FLRExperiment(Experiment):
     def method_runs(self, ctx: SeedContext):
         """Per labeler, its max-vs-min mined pairs (with reference log-probs); every method on them."""
         cfg, f, data = ctx.cfg, ctx.cfg.flr, ctx.data
-        enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len)
+        enc = dict(max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_completion_len,
+                   kl_pairing=cfg.data.kl_pairing)
         for lab in f.labelers:
             pairs = mine_pairs(ctx.extra["prompts"], ctx.extra["samples"], ctx.extra["scores"][lab], min_gap=f.min_gap)
             qc = np.asarray([data.reward_fn(p.prompt, p.chosen) for p in pairs])

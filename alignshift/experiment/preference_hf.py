@@ -302,7 +302,7 @@ class PreferenceHFExperiment(Experiment):
         for split, columns in ctx.extra["columns"].items():
             arrays = encode_chat_pairs(ctx.tokenizer, ctx.data.split(split), max_prompt_len=d.max_prompt_len,
                                        max_completion_len=d.max_completion_len, mode=d.chat_mode,
-                                       system_prompt=d.system_prompt or None)
+                                       system_prompt=d.system_prompt or None, kl_pairing=d.kl_pairing)
             arrays.update(columns)
             if not kl_rows:
                 arrays = {k: v for k, v in arrays.items() if not k.startswith("kl_")}
