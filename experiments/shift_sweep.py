@@ -81,6 +81,10 @@ def _cell_id(point: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items())
 
 
+def _work_name(cell: str) -> str:
+    return cell.replace("=", "_").replace(",", "__")
+
+
 _SFT_CACHE: dict = {}
 
 
@@ -123,6 +127,75 @@ def _derived(scenario: str, summaries: list[dict]) -> None:
             row["acc_mean"] = float(np.mean(list(accs.values())))
 
 
+def _diagnostics(scenario: str, work: str) -> dict:
+    """What the method's theory conditions on, from the point's aggregate ``summary.json``:
+    DoRA's source-classifier held-out AUC and weights by source; the data's label statistics."""
+    path = os.path.join(work, "summary.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        s = json.load(f)
+    out = {}
+    info = s.get("data_info") or {}
+    seed_path = os.path.join(work, f"seed_{s.get('seeds', [0])[0]}", "summary.json")
+    if not info and os.path.isfile(seed_path):  # the first seed's data (the aggregate may not copy it)
+        with open(seed_path) as f:
+            info = json.load(f).get("data_info") or {}
+    for k in ("train_deploy_label_agreement", "train_deploy_label_agreement_by_category", "test_deploy_label_agreement",
+              "test_ab_disagreement", "train_ab_disagreement"):
+        if isinstance(info.get(k), (int, float, dict)):
+            out[k] = info[k]
+    mpath = os.path.join(work, "metrics.jsonl")
+    if scenario == "deploy_shift" and os.path.isfile(mpath):  # the IW weights after the warm-up (step > 40)
+        by: dict = {}
+        with open(mpath) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("phase") == "preference" and "weights/ess" in r and r.get("step", 0) > 40:
+                    by.setdefault(r["method"], []).append(r)
+        out["weights_after_warmup"] = {m: {"ess": float(np.mean([r["weights/ess"] for r in rs])),
+                                           "min": float(min(r["weights/min"] for r in rs)),
+                                           "max": float(max(r["weights/max"] for r in rs))} for m, rs in by.items()}
+    dg = s.get("diagnostics")
+    if scenario == "synthetic_shift" and dg:
+        out["classifier_auc"] = dg["classifier"]["pooled"]["auc"]
+        out["oracle_feature_auc"] = dg.get("oracle_feature_classifier", {}).get("pooled", {}).get("auc")
+        out["mean_h_by_source"] = dg["mean_h_by_source"]
+        out["share_of_H_on_target"] = dg["share_of_H_on_target"]
+        out["H_ess"] = dg["H_ess"]
+    return out
+
+
+def markdown(result: dict, metrics=None) -> str:
+    """Markdown tables of a sweep: per cell and method, mean (method − DPO) [95% CI] (k/n > 0),
+    ``**`` where the interval excludes 0; one table per metric."""
+    knobs = list(result["grid"])
+    out = []
+    points = sorted(result["points"], key=lambda c: [result["grid"][k].index(c["knobs"][k]) for k in reversed(knobs)])
+    for k in metrics or result["metrics"]:
+        head = "| " + " | ".join(knobs) + f" | {result['baseline']} | " + " | ".join(
+            f"{m} − {result['baseline']}" for m in result["methods_compared"]) + " |"
+        rows = [f"**{k}**{' (target metric)' if k == result['target_metric'] else ''}: mean over seeds of "
+                f"{result['baseline']}, and paired (method − {result['baseline']}) mean [95% t-interval] (seeds > 0 of n)", "",
+                head, "|" + "---|" * (len(knobs) + 1 + len(result["methods_compared"]))]
+        for c in points:
+            cells = []
+            for m in result["methods_compared"]:
+                d = c["paired"].get(m, {}).get(k)
+                if not d:
+                    cells.append("—")
+                    continue
+                sig = d["ci95"] is not None and (d["ci95"][0] > 0 or d["ci95"][1] < 0)
+                ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                txt = f"{d['mean']:+.3f}{ci} ({d['n_positive']}/{d['n']})"
+                cells.append(f"**{txt}**" if sig else txt)
+            b = c["means"].get(result["baseline"], {}).get(k)
+            rows.append("| " + " | ".join(str(c["knobs"][kk]) for kk in knobs) + f" | {'—' if b is None else f'{b:.3f}'} | "
+                        + " | ".join(cells) + " |")
+        out.append("\n".join(rows))
+    return "\n\n".join(out)
+
+
 def _seed_summaries(work: str, cfg) -> list[dict]:
     out = []
     for k in range(cfg.seeds):
@@ -132,6 +205,7 @@ def _seed_summaries(work: str, cfg) -> list[dict]:
 
 
 def _write_json(path: str, obj: dict) -> None:
+    obj["commits"] = sorted({c["commit"] for c in obj["points"] if c.get("commit")} | {obj["commit"]} - {None})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=float)
@@ -182,13 +256,20 @@ def plot(result: dict, png: str) -> None:
             ax.set_ylabel(ks[1])
         ax.set_title(f"{m} − {result['baseline']}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=f"Δ {result['target_label']}")
-    fig.suptitle(f"{result['scenario']}: (method − DPO), {result['n_seeds']} seeds; * = 95% CI excludes 0",
-                 fontsize=10)
+    fig.suptitle(f"{result['scenario']}: (method − DPO) on {result['target_label']}, {result['n_seeds']} seeds; "
+                 "* = 95% CI excludes 0", fontsize=10, y=1.04)
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--markdown"]:  # print the tables of finished sweeps: --markdown FILE.json ...
+        for path in argv[1:]:
+            with open(path) as f:
+                r = json.load(f)
+            print(f"### `{r['scenario']}`\n\n" + markdown(r) + "\n")
+        return {"markdown": argv[1:]}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     p.add_argument("--grid", action="append", required=True, help="knob=v1,v2,... (data.scenario_kwargs key); 1 or 2")
@@ -197,6 +278,8 @@ def main(argv=None) -> dict:
     p.add_argument("--set", action="append", default=[], help="dotted config override, e.g. train.steps=100")
     p.add_argument("--config", default=None, help="default: the experiment's own config")
     p.add_argument("--json", default=None, help="default: docs/results/shift_sweep_<scenario>.json")
+    p.add_argument("--merge", action="append", default=[],
+                   help="also keep the finished points of this JSON file of the same sweep (run in parts)")
     p.add_argument("--work", default=None, help="per-point run directories (default results/shift_sweep/<scenario>)")
     args = p.parse_args(argv)
 
@@ -215,23 +298,32 @@ def main(argv=None) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
-    result = {"scenario": args.scenario, "command": "python experiments/shift_sweep.py " + " ".join(
-                  sys.argv[1:] if argv is None else argv),
+    result = {"scenario": args.scenario, "command": "python experiments/shift_sweep.py " + " ".join(argv),
               "commit": commit, "experiment": f"experiments/{spec['script']}", "baseline": base,
               "methods_compared": methods, "target_metric": spec["target"], "target_label": spec["label"],
               "metrics": spec["metrics"], "grid": {k: v for k, v in grid}, "n_seeds": args.seeds,
               "overrides": args.set, "points": [], "wall_time_s": 0.0, "complete": False}
     names = [k for k, _ in grid]
-    if os.path.exists(json_path):  # resume: keep finished points of the same sweep
-        with open(json_path) as f:
+    for i, path in enumerate([json_path, *args.merge]):  # resume: keep finished points of the same sweep
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
             old = json.load(f)
         same = ("n_seeds", "overrides", "methods_compared", "baseline")
-        if {k: old.get(k) for k in same} == {k: result[k] for k in same} and list(old["grid"]) == names:
-            # the same sweep, possibly on a grid extended since: keep its points on the new grid
-            result["points"] = [c for c in old["points"] if all(c["knobs"][k] in v for k, v in grid)]
-            result["wall_time_s"] = old.get("wall_time_s", 0.0)
-            if old.get("commit") and old["commit"] != commit:
-                result["commits"] = sorted({*old.get("commits", [old["commit"]]), commit})
+        if {k: old.get(k) for k in same} != {k: result[k] for k in same} or list(old["grid"]) != names:
+            if i:
+                raise SystemExit(f"error: --merge {path}: another sweep (seeds, overrides, methods or knobs differ)")
+            continue
+        # the same sweep, possibly on a grid extended since (or run in parts: --merge): keep its points
+        have = {c["cell"] for c in result["points"]}
+        new = [c for c in old["points"] if all(c["knobs"][k] in v for k, v in grid) and c["cell"] not in have]
+        result["points"] += new
+        result["wall_time_s"] += old.get("wall_time_s", 0.0) if i == 0 else sum(c["wall_time_s"] for c in new)
+        if i == 0 and old.get("commit"):
+            result["commit"] = old["commit"]  # where the sweep started; "commits": where its points ran
+    for c in result["points"]:
+        if not c.get("diagnostics"):
+            c["diagnostics"] = _diagnostics(args.scenario, os.path.join(work_root, _work_name(c["cell"])))
     done = {c["cell"] for c in result["points"]}
     t_start = time.perf_counter()
     wall0 = result["wall_time_s"]
@@ -241,7 +333,7 @@ def main(argv=None) -> dict:
         if cell in done:
             print(f"[sweep] {cell}: done, kept", flush=True)
             continue
-        work = os.path.join(work_root, cell.replace("=", "_").replace(",", "__"))
+        work = os.path.join(work_root, _work_name(cell))
         argv_run = ["--out", work, "--seeds", str(args.seeds), "--methods", ",".join([base, *methods]),
                     *(["--config", args.config] if args.config else []), *args.set,
                     *[f"data.scenario_kwargs.{k}={json.dumps(v)}" for k, v in point.items()]]
@@ -258,8 +350,7 @@ def main(argv=None) -> dict:
         result["points"].append({"cell": cell, "knobs": point, "commit": commit, "seeds": paired["seeds"],
                                  "paired": paired["methods"],
                                  "means": means, "wall_time_s": time.perf_counter() - t0,
-                                 "data_info": {k: v for k, v in summaries[0]["data_info"].items()
-                                               if isinstance(v, (int, float, str))}})
+                                 "diagnostics": _diagnostics(args.scenario, work)})
         result["wall_time_s"] = wall0 + time.perf_counter() - t_start
         _write_json(json_path, result)
         plot(result, png_path)
