@@ -253,7 +253,7 @@ def plot(result: dict, png: str) -> None:
             ax.set_yticks([])
         else:
             ax.set_yticks(range(len(rows_v)), [str(v) for v in rows_v])
-            ax.set_ylabel(ks[1])
+            ax.set_ylabel(ks[1]) if ax is axes[0][0] else None
         ax.set_title(f"{m} − {result['baseline']}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=f"Δ {result['target_label']}")
     fig.suptitle(f"{result['scenario']}: (method − DPO) on {result['target_label']}, {result['n_seeds']} seeds; "
