@@ -69,7 +69,7 @@ _STEPS: dict = {}
 def _step_fn(g, rest, objective, k, scope, gradient):
     """One jitted step per (objective, k, scope, gradient): calls with the same shapes reuse its
     compilation (the suite runs on 2 CPU cores)."""
-    key = (objective.base, objective.weighting, repr(objective.weighting_kwargs), objective.penalty,
+    key = (id(g), objective.base, objective.weighting, repr(objective.weighting_kwargs), objective.penalty,
            repr(objective.penalty_kwargs), k, scope, gradient)
     if key not in _STEPS:
         _STEPS[key] = make_preference_step(g, rest, _TX, objective, grad_accum_steps=k, weighting_scope=scope,
