@@ -168,6 +168,19 @@ def _trl_trainer(a, root, tok, rows, precompute: bool):
     return trainer, step
 
 
+def _pairs_from_trl(tb, width: int) -> dict:
+    """A TRL DPO batch (its chosen rows, then its rejected rows) as our pair arrays
+    ``{chosen,rejected}_{input_ids,attention_mask,loss_mask}``, right-padded to ``width``."""
+    ids, am, cm = (np.asarray(tb[k].numpy(), np.int32) for k in ("input_ids", "attention_mask", "completion_mask"))
+    pad = ((0, 0), (0, width - ids.shape[1]))
+    ids, am, cm = (np.pad(x, pad) for x in (ids, am, cm))
+    B = ids.shape[0] // 2
+    b = {}
+    for g, sl in (("chosen", slice(0, B)), ("rejected", slice(B, None))):
+        b[f"{g}_input_ids"], b[f"{g}_attention_mask"], b[f"{g}_loss_mask"] = ids[sl], am[sl], cm[sl] * am[sl]
+    return b
+
+
 def _ours(a, root, precompute: bool, window: int = 0):
     import jax
     import jax.numpy as jnp
@@ -194,13 +207,7 @@ def _ours(a, root, precompute: bool, window: int = 0):
     def convert(tb, length):
         # right-pad to one fixed length (as our trainer does: data.max_*_len), so the jitted step
         # compiles once; TRL pads each batch to its own longest sequence
-        ids, am, cm = (np.asarray(tb[k].numpy(), np.int32) for k in ("input_ids", "attention_mask", "completion_mask"))
-        pad = ((0, 0), (0, length - ids.shape[1]))
-        ids, am, cm = (np.pad(x, pad) for x in (ids, am, cm))
-        B = ids.shape[0] // 2
-        b = {}
-        for g, sl in (("chosen", slice(0, B)), ("rejected", slice(B, None))):
-            b[f"{g}_input_ids"], b[f"{g}_attention_mask"], b[f"{g}_loss_mask"] = ids[sl], am[sl], cm[sl] * am[sl]
+        b = _pairs_from_trl(tb, length)
         if precompute:
             b.update(precompute_reference_logps(logits_fn, ref, b, groups=("chosen", "rejected")))
         return b
@@ -304,24 +311,19 @@ def _ours_hh(a, root, variant: str):
     packed = cfg.train.packing or cfg.train.share_prompt
 
     def convert(tb):
-        ids, am, cm = (np.asarray(tb[k].numpy(), np.int32) for k in ("input_ids", "attention_mask", "completion_mask"))
         # padded: the batch's longest rounded up to 64; packed: the encoder's full width P + C
-        width = a.max_prompt + a.max_completion if packed else -(-ids.shape[1] // 64) * 64
-        pad = ((0, 0), (0, width - ids.shape[1]))
-        ids, am, cm = (np.pad(x, pad) for x in (ids, am, cm))
-        B = ids.shape[0] // 2
-        b = {}
-        for g, sl in (("chosen", slice(0, B)), ("rejected", slice(B, None))):
-            b[f"{g}_input_ids"], b[f"{g}_attention_mask"], b[f"{g}_loss_mask"] = ids[sl], am[sl], cm[sl] * am[sl]
+        width = a.max_prompt + a.max_completion if packed else -(-tb["input_ids"].shape[1] // 64) * 64
+        b = _pairs_from_trl(tb, width)
+        B = b["chosen_input_ids"].shape[0]
         if packed:
             b = pack_batch(b, **pack_kwargs(cfg, b))
             rows, row_len = b["packed_input_ids"].shape
             head = sum(int(np.prod(b[f"{g}_target_index"].shape)) for g in ("chosen", "rejected"))
             real = int((b["packed_segment_ids"] != 0).sum())
         else:
-            rows, row_len = ids.shape
+            rows, row_len = 2 * B, width
             head = rows * (min(row_len, response_window(cfg)) if response_window(cfg) else row_len)
-            real = int(am.sum())
+            real = int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
         return b, {"tokens": rows * row_len / B, "head": head / B, "real": real / B, "shape": (rows, row_len)}
 
     def run(batch):
