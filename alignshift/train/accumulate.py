@@ -53,6 +53,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from alignshift.config import WEIGHTING_SCOPES
 from alignshift.forward import attach_reference, validation_inputs
 from alignshift.losses import Objective
 from alignshift.losses.objective import BASE_LOSSES
@@ -63,12 +64,18 @@ from alignshift.train.penalty import add_penalty, penalty_terms
 __all__ = [
     "WEIGHTING_SCOPES",
     "accumulated_loss_and_grads",
+    "check_weighting_scope",
     "merge_micro_batches",
     "split_micro_batches",
     "sum_decomposable",
 ]
 
-WEIGHTING_SCOPES = ("global", "micro_batch")
+
+
+def check_weighting_scope(scope: str) -> None:
+    """Raise ``ValueError`` unless ``scope`` is one of :data:`WEIGHTING_SCOPES`."""
+    if scope not in WEIGHTING_SCOPES:
+        raise ValueError(f"weighting_scope must be one of {WEIGHTING_SCOPES}; got {scope!r}")
 
 
 def sum_decomposable(objective: Objective) -> bool:
@@ -126,8 +133,7 @@ def accumulated_loss_and_grads(graphdef, rest, params, batch, val_batch, ref_par
     log-probs in the batch) and ``val_batch`` as in
     :func:`alignshift.train.steps.make_preference_step`; ``custom`` a penalty's first-order
     gradient (:func:`alignshift.train.penalty.penalty_grads` with ``with_outputs=True``)."""
-    if scope not in WEIGHTING_SCOPES:
-        raise ValueError(f"weighting_scope must be one of {WEIGHTING_SCOPES}; got {scope!r}")
+    check_weighting_scope(scope)
     micro = split_micro_batches(batch, k)
     if ref_params is not None and "reference" in objective.requires:
         def ref_pass(_, mb):  # forward-only, one micro-batch at a time
@@ -156,7 +162,7 @@ def accumulated_loss_and_grads(graphdef, rest, params, batch, val_batch, ref_par
 
     steps = jnp.arange(k, dtype=jnp.int32)
     if custom is not None:  # first-order penalty gradient: (loss, metrics, grads, outputs) per micro-batch
-        return _custom_accumulated(custom, graphdef, rest, params, micro, step, k, scope, objective, reduce)
+        return _custom_accumulated(custom, graphdef, rest, params, micro, step, steps, scope, objective, reduce)
 
     if scope == "micro_batch":
         def own_batch(acc, xs):
@@ -208,20 +214,21 @@ def accumulated_loss_and_grads(graphdef, rest, params, batch, val_batch, ref_par
     return loss, metrics, jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), acc, params)
 
 
-def _custom_accumulated(custom, graphdef, rest, params, micro, step, k, scope, objective, reduce):
+def _custom_accumulated(custom, graphdef, rest, params, micro, step, steps, scope, objective, reduce):
     """A penalty's first-order gradient (WDPO), per micro-batch, averaged."""
     if scope == "global" and not sum_decomposable(objective):
         raise ValueError(f"a first-order penalty gradient with gradient accumulation and weighting_scope 'global' needs "
                          f"an objective that is a mean over pairs (penalty_kwargs penalty='squared_mean'); got "
                          f"penalty {objective.penalty!r} with {objective.penalty_kwargs}: use penalty_gradient mode "
                          "'exact' or train.weighting_scope 'micro_batch'")
+    k = steps.shape[0]
 
     def body(acc, xs):
         mb, m = xs
         loss, metrics, g, outs = custom(graphdef, rest, params, mb, step * k + m)
         return _add(acc, g), (loss, metrics, outs)
 
-    acc, (losses, metrics, outs) = jax.lax.scan(body, _zeros_f32(params), (micro, jnp.arange(k, dtype=jnp.int32)))
+    acc, (losses, metrics, outs) = jax.lax.scan(body, _zeros_f32(params), (micro, steps))
     grads = _mean_grads(acc, params, k)
     if scope == "micro_batch":
         return losses.mean(), jax.tree_util.tree_map(lambda x: x.mean(axis=0), metrics), grads

@@ -21,7 +21,7 @@ import optax
 from alignshift.forward import attach_reference, batch_sequence_logps, make_logits_fn, validation_inputs
 from alignshift.losses import Objective
 from alignshift.losses.penalties import PenaltyGradient
-from alignshift.train.accumulate import WEIGHTING_SCOPES, accumulated_loss_and_grads
+from alignshift.train.accumulate import accumulated_loss_and_grads, check_weighting_scope
 from alignshift.train.penalty import add_penalty, penalty_grads, penalty_terms
 
 __all__ = [
@@ -120,8 +120,7 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
     k = int(grad_accum_steps)
     if k < 1:
         raise ValueError(f"grad_accum_steps must be >= 1; got {grad_accum_steps}")
-    if weighting_scope not in WEIGHTING_SCOPES:
-        raise ValueError(f"weighting_scope must be one of {WEIGHTING_SCOPES}; got {weighting_scope!r}")
+    check_weighting_scope(weighting_scope)
 
     def loss_fn(params, batch, val_batch, step, rest_):
         inputs, val_inputs, penalty, pair_pen = step_inputs(graphdef, rest_, params, batch, objective, val_batch, step,
@@ -133,10 +132,10 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, val_batch, step, rest_)
         return loss, metrics, grads
 
-    custom = penalty_grads(objective, penalty_gradient)  # a penalty's first-order gradient, or None
+    # a penalty's first-order gradient, or None; accumulation also needs its per-example outputs
+    custom = penalty_grads(objective, penalty_gradient, with_outputs=k > 1)
     loss_and_grads = backprop if custom is None else (
         lambda rest_, params, batch, val_batch, step: custom(graphdef, rest_, params, batch, step))
-    custom_outputs = penalty_grads(objective, penalty_gradient, with_outputs=True)
 
     @partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, ref_params=None, val_batch=None, frozen=None):
@@ -145,7 +144,7 @@ def make_preference_step(graphdef, rest, tx, objective: Objective, *, logits_chu
         if k > 1:
             loss, metrics, grads = accumulated_loss_and_grads(
                 graphdef, rest_, state["params"], batch, val_batch, ref_params, state["step"], objective=objective,
-                logits_fn=logits_fn, k=k, scope=weighting_scope, custom=custom_outputs)
+                logits_fn=logits_fn, k=k, scope=weighting_scope, custom=custom)
             metrics["grad_norm"] = optax.tree.norm(grads)
             return apply_gradients(state, grads, tx, loss), metrics
         batch = attach_reference(logits_fn, batch, objective, ref_params)
