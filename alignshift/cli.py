@@ -64,6 +64,10 @@ def experiment_parser(description: str, default_config: str | None, default_out:
     p.add_argument("--dry-run", action="store_true",
                    help="build model + optimizer state with abstract shapes, print parameter count, per-device "
                         "memory and the sharding plan on the config's mesh, and exit (no weights, no training)")
+    p.add_argument("--merge", action="append", metavar="DIR", default=None,
+                   help="train nothing: aggregate into --out the seeds already run (in separate processes or on "
+                        "other machines) into this output directory; repeat it, one per run of the same config "
+                        "with its own seed=S --seeds N; every seed of this config must be in exactly one of them")
     add_skip_bad_rows(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
     return p

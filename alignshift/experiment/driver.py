@@ -59,7 +59,7 @@ from alignshift.train.metrics import JsonlWriter
 from alignshift.train.ref_cache import ReferenceLogpCache
 
 __all__ = ["SeedContext", "MethodRun", "Experiment", "prepare_seed", "train_method", "run_seed", "run_experiment",
-           "experiment_script", "sft_reference", "add_reference_logps", "concat_train_val", "batch_size_for", "finished_seeds",
+           "experiment_script", "merge_runs", "MergeError", "sft_reference", "add_reference_logps", "concat_train_val", "batch_size_for", "finished_seeds",
            "dpo_baseline"]
 
 
@@ -484,6 +484,11 @@ def experiment_script(description: str, default_config: str | None, default_out:
     def main(argv=None) -> dict:
         args, cfg = parse_args(argv)
         with exit_on(*errors) if errors else contextlib.nullcontext():
+            if args.merge:
+                if args.resume:
+                    raise SystemExit("error: --merge and --resume: choose one (--merge trains nothing)")
+                with exit_on(MergeError):
+                    return merge_runs(cfg, args.out, args.merge, make_experiment())
             return run_experiment(cfg, args.out, make_experiment(), resume=args.resume)
 
     return parse_args, main
@@ -520,6 +525,79 @@ def run_experiment(cfg: ExperimentConfig, out: str, experiment: Experiment | Non
 
     summary = exp.aggregate(cfg, summaries)
     summary["wall_time_s"] = time.perf_counter() - t0
+    exp.evaluator.finish(summary, out)
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
+    exp.report(cfg, summary, out)
+    return summary
+
+
+class MergeError(ValueError):
+    """``--merge`` cannot build the aggregate (a seed missing or run twice, another config)."""
+
+
+#: config keys in which the merged runs may differ (each process ran its own seeds)
+_SEED_KEYS = ("seed", "seeds")
+
+
+def merge_runs(cfg: ExperimentConfig, out: str, sources: list[str], experiment: Experiment | None = None) -> dict:
+    """Aggregate seeds run by separate processes (or machines) into ``out``, as one run of ``cfg``
+    over all its seeds would have written them: every seed ``cfg.seed … cfg.seed + cfg.seeds − 1``
+    must have a finished ``seed_<s>/summary.json`` in exactly one of ``sources`` (each the
+    ``--out`` of a run of the same config with its own ``seed=S --seeds N``; the configs may
+    differ in those two keys only). The seed directories are copied into ``out``, their
+    ``metrics.jsonl`` records concatenated in seed order, then the aggregate ``summary.json``
+    (``merged_from``: which seeds came from where; ``wall_time_s``: the sum of the seeds'),
+    ``results.md`` and plots are written. Nothing is trained."""
+    import shutil
+
+    exp = experiment or Experiment()
+    if getattr(exp.evaluator, "finish_needs_setup", False):
+        raise MergeError(f"--merge: {type(exp.evaluator).__name__} builds its aggregate from the scenario's data "
+                         "(set up while training); run all seeds in one process instead")
+    want = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in _SEED_KEYS}
+    found: dict[int, str] = {}
+    for src in sources:
+        if not os.path.isdir(src):
+            raise MergeError(f"--merge: {src} is not a directory")
+        for name in sorted(os.listdir(src)):
+            path = os.path.join(src, name, "summary.json")
+            if not (name.startswith("seed_") and name[5:].isdigit() and os.path.isfile(path)):
+                continue
+            seed = int(name[5:])
+            if seed in found:
+                raise MergeError(f"--merge: seed {seed} is in both {found[seed]} and {src}")
+            found[seed] = src
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    missing = [s for s in seeds if s not in found]
+    if missing:
+        raise MergeError(f"--merge: no finished seed_<s>/summary.json for seed(s) {missing} in {list(sources)}")
+    summaries = []
+    for seed in seeds:
+        with open(os.path.join(found[seed], f"seed_{seed}", "summary.json")) as fh:
+            s = json.load(fh)
+        got = {k: v for k, v in s.get("config", {}).items() if k not in _SEED_KEYS}
+        if got != want:
+            diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise MergeError(f"--merge: {found[seed]}/seed_{seed} was run with another config (differs in {diff})")
+        summaries.append(s)
+    if os.path.abspath(out) in {os.path.abspath(src) for src in sources}:
+        raise MergeError("--merge: --out must be a new directory, not one of the merged ones")
+    exp.start(cfg)
+    prepare_out_dir(out, cfg, resume=False)
+    records = []
+    for seed in seeds:
+        shutil.copytree(os.path.join(found[seed], f"seed_{seed}"), os.path.join(out, f"seed_{seed}"))
+        path = os.path.join(found[seed], "metrics.jsonl")
+        records += [r for r in read_jsonl(path) if r.get("seed") == seed] if os.path.exists(path) else []
+    tmp = os.path.join(out, "metrics.jsonl.tmp")
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, os.path.join(out, "metrics.jsonl"))
+
+    summary = exp.aggregate(cfg, summaries)
+    summary["config"] = to_dict(cfg)
+    summary["merged_from"] = {src: [s for s in seeds if found[s] == src] for src in sources}
+    summary["wall_time_s"] = float(sum(s.get("wall_time_s", 0.0) for s in summaries))
     exp.evaluator.finish(summary, out)
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     exp.report(cfg, summary, out)

@@ -39,6 +39,8 @@ class Evaluator:
     panels: list | None = None
     extra_sets = None  # data -> {name: examples}: more test sets the ShiftBench encoder adds
     name_width = 10  # of the method name in the progress line
+    #: ``finish`` reads state ``setup`` built from the data (``--merge``, which runs no setup, refuses it)
+    finish_needs_setup = False
 
     def setup(self, ctx) -> dict | None:
         return None
@@ -357,6 +359,7 @@ class AlphaSweepEvaluator(Evaluator):
 
     panels = [("loss", "training loss"), ("rewards/margins", "train reward margin"),
               ("eval/pref_acc_alpha0", "held-out accuracy at α₀")]
+    finish_needs_setup = True  # the α grid and mixing kinds come from the scenario's data
 
     @staticmethod
     def extra_sets(data) -> dict:
