@@ -29,7 +29,7 @@ from alignshift.experiment.errors import add_skip_bad_rows, exit_on, run_main, u
 
 REAL_DATA_SCRIPT = "experiments/preference_hf.py"
 
-__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir", "add_skip_bad_rows", "exit_on",
+__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir", "SEED_KEYS", "seedless_config", "add_skip_bad_rows", "exit_on",
            "user_errors", "run_main"]
 
 
@@ -103,8 +103,21 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv=None, *, cls=Exp
     return args, cfg
 
 
+#: config keys no seed's run depends on (which seeds a run covers, how many): resuming and
+#: merging ignore them, so a run can be extended to more seeds or split into seed ranges
+SEED_KEYS = ("seed", "seeds")
+
+
+def seedless_config(cfg_or_dict) -> dict:
+    """The config as JSON data without :data:`SEED_KEYS`: what every seed's run is a function of."""
+    d = to_dict(cfg_or_dict) if isinstance(cfg_or_dict, ExperimentConfig) else cfg_or_dict
+    return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in SEED_KEYS}
+
+
 def config_fingerprint(cfg: ExperimentConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """The hash ``--resume`` checks (:data:`SEED_KEYS` left out: ``--seeds 5 --resume`` extends a
+    3-seed run)."""
+    return hashlib.sha256(json.dumps(seedless_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_out_dir(out: str, cfg: ExperimentConfig, *, resume: bool) -> None:

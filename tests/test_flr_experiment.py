@@ -108,6 +108,12 @@ def test_resume_reuses_finished_seeds(tmp_path, monkeypatch):
     assert [r["seed"] for r in _records(tmp_path)] == [0, 1, 2]  # seed 2's old record dropped, not duplicated
     assert again["methods"] == first["methods"] and again["reward_models"] == first["reward_models"]
     assert (tmp_path / "results.md").read_text().count("| Direct |") == 1
+    # --seeds 4 --resume extends the run: the three finished seeds are reused (seeds/seed are
+    # not part of what a seed's run depends on), only seed 3 runs
+    calls.clear()
+    more = flr_exp.main(["--config", CONFIG, "--quick", "--seeds", "4", "--out", str(tmp_path), "--resume"])
+    assert calls == [3] and more["n_seeds"] == 4
+    os.remove(tmp_path / "seed_3" / "summary.json")
     # without --resume every seed is rerun and metrics.jsonl starts afresh
     calls.clear()
     flr_exp.main(argv)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from alignshift import __version__
-from alignshift.cli import exit_on, experiment_parser, parse_experiment_args, prepare_out_dir
+from alignshift.cli import exit_on, experiment_parser, parse_experiment_args, prepare_out_dir, seedless_config
 from alignshift.config import ConfigError, ExperimentConfig, MethodConfig, to_dict
 from alignshift.data import encode_pairs, make_scenario
 from alignshift.data.cleaning import clean_splits
@@ -440,8 +440,9 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: str, writer: JsonlWriter, ex
 
 def finished_seeds(cfg: ExperimentConfig, out: str, keys=()) -> dict[int, dict]:
     """``{seed: summary}`` of the seeds whose ``seed_<s>/summary.json`` (written last by
-    :func:`run_seed`) exists; one from another config (or without ``keys``) is an error."""
-    want = json.loads(json.dumps(to_dict(cfg)))
+    :func:`run_seed`) exists; one from another config (or without ``keys``) is an error. The
+    configs may differ in ``seed``/``seeds`` (a seed's run does not depend on them)."""
+    want = seedless_config(cfg)
     done = {}
     for k in range(cfg.seeds):
         seed = cfg.seed + k
@@ -450,7 +451,7 @@ def finished_seeds(cfg: ExperimentConfig, out: str, keys=()) -> dict[int, dict]:
             continue
         with open(path) as fh:
             s = json.load(fh)
-        if s.get("config") != want or any(key not in s for key in keys):
+        if seedless_config(s.get("config", {})) != want or any(key not in s for key in keys):
             raise SystemExit(f"error: --resume: {path} was produced by a different config; "
                              "use a new --out or drop --resume")
         done[seed] = s
@@ -535,9 +536,6 @@ class MergeError(ValueError):
     """``--merge`` cannot build the aggregate (a seed missing or run twice, another config)."""
 
 
-#: config keys in which the merged runs may differ (each process ran its own seeds)
-_SEED_KEYS = ("seed", "seeds")
-
 
 def merge_runs(cfg: ExperimentConfig, out: str, sources: list[str], experiment: Experiment | None = None) -> dict:
     """Aggregate seeds run by separate processes (or machines) into ``out``, as one run of ``cfg``
@@ -554,7 +552,7 @@ def merge_runs(cfg: ExperimentConfig, out: str, sources: list[str], experiment: 
     if getattr(exp.evaluator, "finish_needs_setup", False):
         raise MergeError(f"--merge: {type(exp.evaluator).__name__} builds its aggregate from the scenario's data "
                          "(set up while training); run all seeds in one process instead")
-    want = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in _SEED_KEYS}
+    want = seedless_config(cfg)
     found: dict[int, str] = {}
     for src in sources:
         if not os.path.isdir(src):
@@ -575,7 +573,7 @@ def merge_runs(cfg: ExperimentConfig, out: str, sources: list[str], experiment: 
     for seed in seeds:
         with open(os.path.join(found[seed], f"seed_{seed}", "summary.json")) as fh:
             s = json.load(fh)
-        got = {k: v for k, v in s.get("config", {}).items() if k not in _SEED_KEYS}
+        got = seedless_config(s.get("config", {}))
         if got != want:
             diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
             raise MergeError(f"--merge: {found[seed]}/seed_{seed} was run with another config (differs in {diff})")
