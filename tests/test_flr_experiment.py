@@ -79,7 +79,8 @@ def _fake_run_seed(calls):
         calls.append(seed)
         writer.write({"seed": seed, "phase": "preference", "method": "dpo (FLR-mined)", "step": 5, "loss": 0.5})
         methods = {"SFT (reference)": {"quality": 0.1, "win_rate_vs_sft": 0.5}, "dpo (FLR-mined)":
-                   {"quality": 0.2 + seed, "win_rate_vs_sft": 0.6}}
+                   {"quality": 0.2 + seed, "win_rate_vs_sft": 0.6}, "dpo (Direct-mined)": {"quality": 0.1 + seed / 2,
+                                                                                            "win_rate_vs_sft": 0.5}}
         rm = {"FLR": {"pair_acc": 0.7, "pearson": 0.3, "spearman": 0.2}, "Direct": {"pair_acc": 0.5 + seed / 10,
                                                                                     "pearson": 0.1, "spearman": 0.1}}
         summary = {"scenario": "followup", "seed": seed, "methods": methods, "config": to_dict(cfg),
@@ -100,6 +101,13 @@ def test_resume_reuses_finished_seeds(tmp_path, monkeypatch):
     argv = ["--config", CONFIG, "--quick", "--seeds", "3", "--out", str(tmp_path)]
     first = flr_exp.main(argv)
     assert calls == [0, 1, 2] and first["n_seeds"] == 3
+    # FLR's claim as paired differences vs Direct (seeds 0, 1, 2): reward models and policies
+    rm = first["paired_vs_direct"]["reward_models"]["methods"]["FLR"]["pair_acc"]
+    assert rm["mean"] == pytest.approx(0.7 - 0.6) and rm["n_positive"] == 2 and rm["ci95"][0] < 0.1 < rm["ci95"][1]
+    pol = first["paired_vs_direct"]["alignment"]["dpo"]
+    assert pol["baseline"] == "dpo (Direct-mined)" and list(pol["methods"]) == ["dpo (FLR-mined)", "dpo (GT-mined)"]
+    assert pol["methods"]["dpo (FLR-mined)"]["quality"]["mean"] == pytest.approx(0.1 + 0.5)  # 0.1 + seed/2, mean seed 1
+    assert "### Reward models minus Direct, paired by seed" in (tmp_path / "results.md").read_text()
     # seed 2 "was interrupted": no summary, a partial record left in metrics.jsonl
     os.remove(tmp_path / "seed_2" / "summary.json")
     calls.clear()

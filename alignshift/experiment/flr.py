@@ -24,7 +24,7 @@ from flax import nnx
 
 from alignshift.config import ConfigError, ExperimentConfig, to_dict
 from alignshift.data import encode_pairs
-from alignshift.eval.report import aggregate_seeds, format_table
+from alignshift.eval.report import aggregate_seeds, format_paired_differences, format_table, paired_differences
 from alignshift.experiment.driver import Experiment, MethodRun, SeedContext, batch_size_for, sft_reference
 from alignshift.experiment.evaluators import QualityEvaluator
 from alignshift.forward import split_model
@@ -185,7 +185,25 @@ class FLRExperiment(Experiment):
                                                     for s in summaries])["methods"]
         summary["timing"] = [s["timing"] for s in summaries]
         summary["mined_reward_correlation"] = [s["mined_reward_correlation"] for s in summaries]
+        summary["paired_vs_direct"] = self.paired_vs_direct(cfg, summaries)
         return summary
+
+    def paired_vs_direct(self, cfg, summaries: list[dict]) -> dict:
+        """FLR's claim as paired differences by seed with 95% t-intervals: ``reward_models``, every
+        reward model minus Direct (:data:`RM_COLUMNS`); ``alignment``, per method, its policy on
+        each labeler's mined pairs minus the same method on Direct-mined pairs (the evaluator's
+        columns). A part whose baseline is not among the rows is left out."""
+        out = {}
+        rms = [{"seed": s["seed"], "methods": s["reward_models"]} for s in summaries]
+        if "Direct" in rms[0]["methods"]:
+            out["reward_models"] = paired_differences(rms, "Direct", [k for k, _ in RM_COLUMNS])
+        cols = [k for k, _ in self.evaluator.columns if k != "train_time_s"]
+        for m in cfg.methods:
+            base = f"{m.name} ({LABELER_NAMES['direct']})"
+            if base in summaries[0]["methods"]:
+                others = [f"{m.name} ({LABELER_NAMES[lab]})" for lab in cfg.flr.labelers if lab != "direct"]
+                out.setdefault("alignment", {})[m.name] = paired_differences(summaries, base, cols, methods=others)
+        return out
 
     def results_md(self, cfg, summary: dict) -> str:
         n = summary["n_seeds"]
@@ -194,4 +212,18 @@ class FLRExperiment(Experiment):
                 f"pairs (dimension `{cfg.flr.dimension}`)\n\n"
                 + format_table({"methods": summary["reward_models"], "n_seeds": n}, RM_COLUMNS)
                 + "\n\n### Alignment: policies trained on mined pairs, ground-truth quality of sampled test responses\n\n"
-                + format_table(summary, self.evaluator.columns))
+                + format_table(summary, self.evaluator.columns) + self._paired_md(summary))
+
+    def _paired_md(self, summary: dict) -> str:
+        paired = summary.get("paired_vs_direct") or {}
+        if summary["n_seeds"] < 2 or not paired:
+            return ""
+        text = ""
+        if "reward_models" in paired:
+            text += ("\n\n### Reward models minus Direct, paired by seed\n\n"
+                     + format_paired_differences(paired["reward_models"], RM_COLUMNS))
+        cols = [(k, h) for k, h in self.evaluator.columns if k != "train_time_s"]
+        for name, p in paired.get("alignment", {}).items():
+            text += (f"\n\n### Policies minus {p['baseline']}, paired by seed\n\n"
+                     + format_paired_differences(p, cols))
+        return text
