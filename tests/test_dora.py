@@ -313,3 +313,29 @@ def test_reference_features_are_masked_mean_of_hidden_states():
     fa = reference_features(graphdef, rest, params, {"input_ids": ids, "attention_mask": am, "loss_mask": lm},
                             pool="all")
     np.testing.assert_allclose(fa, h[:, :6].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_dora_paired_comparisons_have_t_intervals():
+    """DoRA minus each ablation, paired by seed: mean, s.e., 95% Student-t interval (scipy) and the
+    count of seeds where DoRA is higher; the table prints the interval."""
+    from scipy import stats
+
+    from alignshift.config import MethodConfig
+    from alignshift.experiment.dora import format_paired, paired_comparisons
+
+    methods = [MethodConfig(name="dpo", base="dpo"), MethodConfig(name="dro", base="dpo", weighting="dro"),
+               MethodConfig(name="dora", base="dpo", weighting="dora")]
+    acc = {"dpo": [0.80, 0.79, 0.82, 0.81], "dro": [0.81, 0.80, 0.80, 0.82], "dora": [0.83, 0.785, 0.84, 0.815]}
+    summaries = [{"seed": s, "methods": {m: {"target_pref_acc": acc[m][s], "target_pref_acc_flat": acc[m][s] - 0.05,
+                                              "target_reward": 1.0 + acc[m][s]} for m in acc}} for s in range(4)]
+    out = paired_comparisons(summaries, methods)
+    assert list(out) == ["dora - dpo", "dora - dro"]
+    d = np.asarray(acc["dora"], np.float64) - np.asarray(acc["dpo"], np.float64)
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / np.sqrt(4)
+    r = out["dora - dpo"]
+    assert r["target_pref_acc"] == pytest.approx(d.mean())
+    assert r["target_pref_acc_ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert r["target_pref_acc_n_positive"] == 3
+    assert f"[{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]" in format_paired(out, 4)
+    one = paired_comparisons(summaries[:1], methods)["dora - dpo"]
+    assert one["target_pref_acc_ci95"] is None and "[" not in format_paired({"x": one}, 1).splitlines()[-1]

@@ -23,6 +23,7 @@ import numpy as np
 from alignshift.config import ConfigError, ExperimentConfig
 from alignshift.data import encode_pairs, make_scenario
 from alignshift.data.encode import encode_lists
+from alignshift.eval.report import t_interval
 from alignshift.experiment import tuning
 from alignshift.experiment.driver import Experiment, MethodRun, SeedContext
 from alignshift.experiment.evaluators import TargetEvaluator
@@ -264,7 +265,8 @@ def _mean_diagnostics(diags: list[dict]) -> dict:
 def paired_comparisons(summaries: list[dict], methods, metrics=("target_pref_acc", "target_pref_acc_flat",
                                                                   "target_reward")) -> dict:
     """Per base loss, DoRA minus each ablation (ERM, DRO only, reweighting only), paired by seed:
-    ``{"<dora> - <other>": {metric: mean, metric_sem: s.e., "n_positive": seeds where DoRA is higher}}``."""
+    ``{"<dora> - <other>": {metric: mean, metric_sem: s.e., metric_ci95: [low, high] (95% Student-t;
+    None from one seed), metric_n_positive: seeds where DoRA is higher}}``."""
     out = {}
     for base in dict.fromkeys(m.base for m in methods):
         by_rule = {m.weighting: m.name for m in methods if m.base == base and m.train_data == "train"}
@@ -279,16 +281,22 @@ def paired_comparisons(summaries: list[dict], methods, metrics=("target_pref_acc
                 d = np.asarray([s["methods"][a][k] - s["methods"][b][k] for s in summaries], np.float64)
                 row[k] = float(d.mean())
                 row[f"{k}_sem"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+                _, lo, hi = t_interval(d)
+                row[f"{k}_ci95"] = None if lo is None else [lo, hi]
                 row[f"{k}_n_positive"] = int((d > 0).sum())
             out[f"{a} - {b}"] = row
     return out
 
 
 def format_paired(paired: dict, n_seeds: int) -> str:
-    rows = ["| comparison (paired over seeds) | Δ target acc. | Δ acc. (flattery differs) | Δ target reward |",
-            "|---|---|---|---|"]
+    rows = ["| comparison (paired over seeds: mean ± s.e. [95% t-interval]) | Δ target acc. | Δ acc. (flattery differs) "
+            "| Δ target reward |", "|---|---|---|---|"]
+
+    def cell(r, k):
+        ci = r.get(k + "_ci95")
+        ci = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+        return f"{r[k]:+.4f} ± {r[k + '_sem']:.4f}{ci} ({r[k + '_n_positive']}/{n_seeds} > 0)"
     for name, r in paired.items():
-        cells = [f"{r[k]:+.4f} ± {r[k + '_sem']:.4f} ({r[k + '_n_positive']}/{n_seeds} > 0)"
-                 for k in ("target_pref_acc", "target_pref_acc_flat", "target_reward")]
+        cells = [cell(r, k) for k in ("target_pref_acc", "target_pref_acc_flat", "target_reward")]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
