@@ -37,7 +37,7 @@ def test_shared_flags_and_flr_section():
     assert cfg.flr.n_samples == 3 and cfg.flr.n_mine_prompts == 64  # override after --quick; quick applied
     assert cfg.train.steps == 7 and cfg.sft.steps == 60
     _, full = flr_exp.parse_args(["--config", CONFIG])
-    assert full.flr.n_samples == 8 and full.flr.n_mine_prompts == 500 and full.seeds == 3
+    assert full.flr.n_samples == 8 and full.flr.n_mine_prompts == 500 and full.seeds == 5
 
 
 def test_methods_filter(tmp_path, capsys):
