@@ -29,8 +29,8 @@ from alignshift.experiment.errors import add_skip_bad_rows, exit_on, run_main, u
 
 REAL_DATA_SCRIPT = "experiments/preference_hf.py"
 
-__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir", "SEED_KEYS", "seedless_config", "add_skip_bad_rows", "exit_on",
-           "user_errors", "run_main"]
+__all__ = ["experiment_parser", "parse_experiment_args", "prepare_out_dir", "SEED_KEYS", "seedless_config",
+           "add_skip_bad_rows", "exit_on", "user_errors", "run_main"]
 
 
 class _ExperimentParser(argparse.ArgumentParser):

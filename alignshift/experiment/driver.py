@@ -17,7 +17,8 @@ from the reference (:func:`train_method`), evaluates it, and writes ``seed_<s>/s
 (``seed_summary``). :func:`run_experiment` runs every seed (``--resume``: from checkpoints, or,
 with ``resume_seeds``, reusing finished seeds), then writes the aggregate ``summary.json``
 (``aggregate``; the evaluator's ``finish``), ``results.md`` and ``training_curves.png``
-(``report``); every logged step goes to ``metrics.jsonl``.
+(``report``); every logged step goes to ``metrics.jsonl``. :func:`merge_runs` (``--merge``) writes
+the same aggregate files from seeds run by separate processes or machines.
 
 The defaults are the ShiftBench pipeline of ``shift_demo.py``, ``iw_dpo.py`` and
 ``robust_dpo.py``; :mod:`alignshift.experiment.dora`, :mod:`~alignshift.experiment.flr` and
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Iterator
 
@@ -59,8 +61,8 @@ from alignshift.train.metrics import JsonlWriter
 from alignshift.train.ref_cache import ReferenceLogpCache
 
 __all__ = ["SeedContext", "MethodRun", "Experiment", "prepare_seed", "train_method", "run_seed", "run_experiment",
-           "experiment_script", "merge_runs", "MergeError", "sft_reference", "add_reference_logps", "concat_train_val", "batch_size_for", "finished_seeds",
-           "dpo_baseline"]
+           "experiment_script", "merge_runs", "MergeError", "sft_reference", "add_reference_logps", "concat_train_val",
+           "batch_size_for", "finished_seeds", "dpo_baseline"]
 
 
 @dataclasses.dataclass
@@ -536,7 +538,6 @@ class MergeError(ValueError):
     """``--merge`` cannot build the aggregate (a seed missing or run twice, another config)."""
 
 
-
 def merge_runs(cfg: ExperimentConfig, out: str, sources: list[str], experiment: Experiment | None = None) -> dict:
     """Aggregate seeds run by separate processes (or machines) into ``out``, as one run of ``cfg``
     over all its seeds would have written them: every seed ``cfg.seed … cfg.seed + cfg.seeds − 1``
@@ -546,8 +547,6 @@ def merge_runs(cfg: ExperimentConfig, out: str, sources: list[str], experiment: 
     ``metrics.jsonl`` records concatenated in seed order, then the aggregate ``summary.json``
     (``merged_from``: which seeds came from where; ``wall_time_s``: the sum of the seeds'),
     ``results.md`` and plots are written. Nothing is trained."""
-    import shutil
-
     exp = experiment or Experiment()
     if getattr(exp.evaluator, "finish_needs_setup", False):
         raise MergeError(f"--merge: {type(exp.evaluator).__name__} builds its aggregate from the scenario's data "
