@@ -539,6 +539,12 @@ def validate(cfg: ExperimentConfig, *, explicit: set[str] | frozenset = frozense
     _validate_tuning(cfg)
 
 
+def _kwargs_groups(m: MethodConfig) -> dict[str, tuple[str, str | None]]:
+    """A method's hyper-parameter groups: config key prefix -> (kind, its loss / rule / penalty)."""
+    return {"base_kwargs": ("base", m.base), "weighting_kwargs": ("weighting", m.weighting),
+            "penalty_kwargs": ("penalty", m.penalty)}
+
+
 def tuning_grid(cfg: ExperimentConfig, m: MethodConfig) -> dict[str, list]:
     """Method ``m``'s candidate grid ``{dotted key: values}``: ``tuning.grid``'s keys that apply
     to it (a ``base_kwargs``/``weighting_kwargs``/``penalty_kwargs`` key its loss, rule or penalty
@@ -547,8 +553,7 @@ def tuning_grid(cfg: ExperimentConfig, m: MethodConfig) -> dict[str, list]:
 
     def applies(key: str) -> bool:
         group, _, name = key.partition(".")
-        kind = {"base_kwargs": ("base", m.base), "weighting_kwargs": ("weighting", m.weighting),
-                "penalty_kwargs": ("penalty", m.penalty)}.get(group)
+        kind = _kwargs_groups(m).get(group)
         if kind is None:
             return True
         return kind[1] is not None and name in hparam_specs(*kind)
@@ -622,14 +627,13 @@ def _validate_tuning(cfg: ExperimentConfig) -> None:
                                   f"'penalty_kwargs.<name>' or one of {list(TUNING_TRAIN_KEYS)}")
     for i, m in enumerate(cfg.methods):
         grid = tuning_grid(cfg, m)
-        kinds = {"base_kwargs": ("base", m.base), "weighting_kwargs": ("weighting", m.weighting),
-                 "penalty_kwargs": ("penalty", m.penalty)}
+        kinds = _kwargs_groups(m)
+        own = flat_grid(t.method_grid.get(m.name) or {})
         for key, values in grid.items():
             group, _, name = key.partition(".")
             if group not in kinds:
                 continue
             kind, rule = kinds[group]
-            own = flat_grid(t.method_grid.get(m.name) or {})
             where = f"tuning.method_grid.{m.name}.{key}" if key in own else f"tuning.grid.{key}"
             if rule is None:
                 raise ConfigError(f"config key {where!r}: method {m.name!r} has no penalty")

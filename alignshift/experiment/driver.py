@@ -293,7 +293,7 @@ class Experiment:
         summary = aggregate_seeds(summaries)
         base = dpo_baseline(cfg, summaries[0]["methods"])
         if base is not None:
-            metrics = [k for k, _ in self.evaluator.columns if k != "train_time_s"]
+            metrics = [k for k, _ in self.evaluator.paired_columns]
             names = [m.name for m in cfg.methods if m.name in summaries[0]["methods"]]
             summary["paired_vs_dpo"] = paired_differences(summaries, base, metrics, methods=names)
         if cfg.tuning.enabled and all("tuning" in s for s in summaries):
@@ -308,9 +308,8 @@ class Experiment:
         text = self.results_title(cfg, summary) + "\n\n" + format_table(summary, self.evaluator.columns)
         paired = summary.get("paired_vs_dpo")
         if paired and summary.get("n_seeds", 1) > 1 and paired["methods"]:
-            cols = [(k, h) for k, h in self.evaluator.columns if k != "train_time_s"]
             text += ("\n\n### Paired differences vs " + paired["baseline"] + "\n\n"
-                     + format_paired_differences(paired, cols))
+                     + format_paired_differences(paired, self.evaluator.paired_columns))
         if "tuning" in summary:
             text += "\n\n" + format_tuning(summary["tuning"])
         return text

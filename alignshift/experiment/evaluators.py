@@ -42,6 +42,11 @@ class Evaluator:
     #: ``finish`` reads state ``setup`` built from the data (``--merge``, which runs no setup, refuses it)
     finish_needs_setup = False
 
+    @property
+    def paired_columns(self) -> list:
+        """``columns`` without the training time: the metrics paired differences are reported on."""
+        return [(k, h) for k, h in self.columns if k != "train_time_s"]
+
     def setup(self, ctx) -> dict | None:
         return None
 

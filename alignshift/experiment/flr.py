@@ -197,7 +197,7 @@ class FLRExperiment(Experiment):
         rms = [{"seed": s["seed"], "methods": s["reward_models"]} for s in summaries]
         if "Direct" in rms[0]["methods"]:
             out["reward_models"] = paired_differences(rms, "Direct", [k for k, _ in RM_COLUMNS])
-        cols = [k for k, _ in self.evaluator.columns if k != "train_time_s"]
+        cols = [k for k, _ in self.evaluator.paired_columns]
         for m in cfg.methods:
             base = f"{m.name} ({LABELER_NAMES['direct']})"
             if base in summaries[0]["methods"]:
@@ -222,8 +222,7 @@ class FLRExperiment(Experiment):
         if "reward_models" in paired:
             text += ("\n\n### Reward models minus Direct, paired by seed\n\n"
                      + format_paired_differences(paired["reward_models"], RM_COLUMNS))
-        cols = [(k, h) for k, h in self.evaluator.columns if k != "train_time_s"]
         for name, p in paired.get("alignment", {}).items():
             text += (f"\n\n### Policies minus {p['baseline']}, paired by seed\n\n"
-                     + format_paired_differences(p, cols))
+                     + format_paired_differences(p, self.evaluator.paired_columns))
         return text
